@@ -1,0 +1,21 @@
+"""Pure DMS math: gating, masks, losses, schedules and attention kernels. No Megatron imports here."""
+
+from dms_megatron.core.attention import dense_dms_attention, flex_dms_attention
+from dms_megatron.core.gating import (
+    apply_alpha_per,
+    global_ids,
+    gumbel_sigmoid,
+    hard_decisions,
+    logistic_noise,
+    projection_decision_logits,
+    qneuron_decision_logits,
+    zero_borrowed_neuron,
+)
+from dms_megatron.core.losses import compression_loss, cr_at_step, evicted_fraction, kd_loss, target_evicted_fraction
+from dms_megatron.core.masks import (
+    causal_bias,
+    decisions_to_key_logits,
+    dms_hard_bias,
+    dms_soft_bias,
+    eviction_visibility,
+)
