@@ -1,0 +1,226 @@
+"""Megatron-core modules for DMS: a self-attention that produces eviction decisions and a core attention that
+applies delayed eviction.
+
+Data flow in one layer (s sequence, b batch, np/ng local query/KV heads, hn head dim):
+  DMSTransformerLayer stashes its input (the pre-norm residual stream, [s, b, h]) for the adapter variant;
+  DMSSelfAttention.get_query_key_value_tensors -> query [s, b, np, hn] (pre-RoPE) -> decision logits [s, b, ng]
+     (q-neuron: borrowed neuron * scale - offset, then the neuron is zeroed; adapter: Linear(RMSNorm(h_pre)));
+  megatron applies RoPE;
+  DMSCoreAttention.forward zeroes the neuron again (post-RoPE), turns logits into per-key eviction scores and calls
+     the dense or flex kernel from ``dms_megatron.core.attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from dms_megatron.config import DMSConfig
+from dms_megatron.core.attention import BACKENDS
+from dms_megatron.core.gating import (
+    global_ids,
+    gumbel_sigmoid,
+    logistic_noise,
+    projection_decision_logits,
+    qneuron_decision_logits,
+    zero_borrowed_neuron,
+)
+from dms_megatron.core.losses import evicted_fraction
+from dms_megatron.core.masks import decisions_to_key_logits
+
+
+class DMSAlphaNorm(torch.nn.Module):
+    """RMSNorm of the adapter (same math as Hugging Face's Llama/Qwen RMSNorm: fp32 statistics, then * weight)."""
+
+    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        # Replicated over tp; with sequence parallel its grads are partial sums megatron must all-reduce.
+        setattr(self.weight, "sequence_parallel", sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _zero_init(weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.init.zeros_(weight)
+
+
+class DMSTransformerLayer(TransformerLayer):
+    """TransformerLayer that hands its input (the pre-attention-norm residual stream) to the DMS adapter."""
+
+    def _forward_attention(self, hidden_states, *args, **kwargs):
+        attn = self.self_attention
+        if getattr(attn, "needs_pre_norm_input", False):
+            attn.dms_pre_norm_input = hidden_states
+        try:
+            return super()._forward_attention(hidden_states, *args, **kwargs)
+        finally:
+            if getattr(attn, "needs_pre_norm_input", False):
+                attn.dms_pre_norm_input = None
+
+
+class DMSSelfAttention(SelfAttention):
+    """SelfAttention that computes DMS decision logits from the borrowed query neuron or an adapter."""
+
+    is_dms_attention = True
+
+    def __init__(self, config, submodules, layer_number: int, *args, dms_config: DMSConfig, **kwargs):
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if config.num_query_groups is not None and config.num_query_groups < tp:
+            raise ValueError(
+                f"DMS needs num_query_groups (KV heads) >= tensor parallel size: {config.num_query_groups} KV heads "
+                f"with tp={tp}; lower parallel.tp to at most {config.num_query_groups}"
+            )
+        if dms_config.alpha_per == "layer" and tp > 1:
+            raise NotImplementedError(
+                "dms.alpha_per=layer with tensor parallelism > 1 is not supported (KV head 0 lives on one rank); "
+                "use dms.alpha_per=head or parallel.tp=1"
+            )
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+        self.dms_config = dms_config
+        self.dms_runtime = None
+        self.dms_pre_norm_input: Optional[torch.Tensor] = None
+        self.num_groups_local = self.num_query_groups_per_partition
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.needs_pre_norm_input = dms_config.alpha_source == "adapter"
+        if self.needs_pre_norm_input:
+            self.dms_alpha_norm = DMSAlphaNorm(config.hidden_size, config.layernorm_epsilon,
+                                               sequence_parallel=config.sequence_parallel)
+            self.dms_alpha_proj = ColumnParallelLinear(
+                config.hidden_size, config.num_query_groups, config=config, init_method=_zero_init, bias=False,
+                gather_output=False, skip_bias_add=True, is_expert=False,
+            )
+        if not isinstance(self.core_attention, DMSCoreAttention):
+            raise TypeError("DMSSelfAttention needs DMSCoreAttention as its core_attention submodule "
+                            "(build the layer with get_gpt_layer_dms_spec)")
+        self.core_attention.bind(self)
+
+    # -- mode ---------------------------------------------------------------------------------------------------
+    def dms_mode(self) -> str:
+        if self.dms_config.teacher_mode:
+            return "teacher"
+        if self.dms_runtime is not None:
+            return self.dms_runtime.mode
+        return "train" if self.training else "hard"
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
+        out = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)
+        mode = self.dms_mode()
+        if mode == "teacher":
+            self.core_attention.pending_logits = None
+            return out
+        if not isinstance(out, tuple) or len(out) < 3 or isinstance(out[1], list):
+            raise RuntimeError("DMS needs split query/key/value tensors (disable fused_single_qkv_rope)")
+        query = out[0]
+        cfg = self.dms_config
+        if cfg.alpha_source == "qneuron":
+            logits = qneuron_decision_logits(query, self.num_groups_local, cfg.alpha_scale, cfg.alpha_offset)
+            query = zero_borrowed_neuron(query, self.num_groups_local)
+        else:
+            pre = self.dms_pre_norm_input
+            if pre is None:
+                raise RuntimeError("DMS adapter needs the pre-norm hidden states: build the layer with "
+                                   "get_gpt_layer_dms_spec (DMSTransformerLayer)")
+            proj, _ = self.dms_alpha_proj(self.dms_alpha_norm(pre))  # [s, b, ng_local]
+            logits = projection_decision_logits(proj, cfg.alpha_scale, cfg.alpha_offset)
+        self.core_attention.pending_logits = logits  # [s, b, ng_local], consumed by the core attention
+        return (query,) + tuple(out[1:])
+
+
+class DMSCoreAttention(MegatronModule):
+    """Core attention with DMS delayed eviction. Same constructor/forward contract as megatron's
+    DotProductAttention: forward(query [sq, b, np, hn], key/value [sk, b, ng, hn], ...) -> [sq, b, np * hn]."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type=None, pg_collection=None, *, dms_config: DMSConfig, **kwargs):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("DMS core attention does not support context parallelism (cp > 1)")
+        self.layer_number = max(1, layer_number)
+        self.dms_config = dms_config
+        hn = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(hn)
+        if config.apply_query_key_layer_scaling:
+            raise NotImplementedError("apply_query_key_layer_scaling is not supported by DMS attention")
+        self.kernel = BACKENDS[dms_config.backend]
+        self.pending_logits: Optional[torch.Tensor] = None
+        self._owner = None
+
+    def bind(self, owner: DMSSelfAttention) -> None:
+        # A plain attribute (not a submodule): the owner holds this module, not the other way round.
+        object.__setattr__(self, "_owner", owner)
+
+    def _runtime(self):
+        return None if self._owner is None else self._owner.dms_runtime
+
+    def _layer_global(self) -> int:
+        return self._owner.layer_number if self._owner is not None else self.layer_number
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **kwargs):
+        if packed_seq_params is not None:
+            raise NotImplementedError("DMS attention does not support packed sequences (THD format)")
+        if attention_bias is not None:
+            raise NotImplementedError("DMS attention does not take an external attention_bias")
+        logits, self.pending_logits = self.pending_logits, None
+        sq, b, np_, hn = query.shape
+        ng = key.shape[2]
+        cfg = self.dms_config
+        if logits is not None and cfg.alpha_source == "qneuron":
+            query = zero_borrowed_neuron(query, ng)  # RoPE mixed the zeroed dim with its partner: zero again
+        q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
+        k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
+        v = value.permute(1, 2, 0, 3)
+        if logits is None:  # teacher mode: the original model
+            out = self.kernel(q, k, v, None, cfg.window, self.softmax_scale)
+        else:
+            out = self._dms_attention(q, k, v, logits.permute(1, 2, 0))  # logits -> [b, ng, s]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def _dms_attention(self, q, k, v, logits):
+        cfg = self.dms_config
+        owner = self._owner
+        mode = owner.dms_mode() if owner is not None else "hard"
+        rt = self._runtime()
+        b, ng, s = logits.shape
+        layer = self._layer_global()
+        valid = None if rt is None else rt.valid
+        if mode == "train":
+            seed, step = (0, 0) if rt is None else (rt.seed, rt.step)
+            sample_ids = rt.sample_ids if rt is not None and rt.sample_ids is not None else torch.arange(b)
+            tp_rank = owner.tp_rank if owner is not None else 0
+            noise = logistic_noise(seed, step, layer, sample_ids, global_ids(tp_rank * ng, ng),
+                                   torch.arange(s, device=logits.device), dtype=logits.dtype)
+            _, hard, noisy = gumbel_sigmoid(logits, noise, cfg.tau)  # each [b, ng, s]
+            if cfg.alpha_per == "layer":
+                hard, noisy = hard[:, :1].expand_as(hard), noisy[:, :1].expand_as(noisy)
+            key_scores = decisions_to_key_logits(noisy)  # key k <- position k+1; last key: -inf (keep)
+            out = self.kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=False)
+            decisions = hard
+        else:
+            if cfg.alpha_per == "layer":
+                logits = logits[:, :1].expand_as(logits)
+            key_scores = decisions_to_key_logits(logits)
+            out = self.kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=True)
+            decisions = (logits > 0).to(logits.dtype)
+        if rt is not None:
+            rt.fractions[layer] = evicted_fraction(decisions, valid)
+            if rt.record_flags:
+                rt.key_flags[layer] = decisions_to_key_logits(decisions.detach() > 0.5, fill=False)
+                rt.logits[layer] = logits.detach()
+        return out
+
+
+__all__ = ["DMSSelfAttention", "DMSCoreAttention", "DMSTransformerLayer", "DMSAlphaNorm"]

@@ -1,0 +1,222 @@
+"""CPU compatibility layer for megatron-core (0.16.x - 0.19.x) when torch has no CUDA.
+
+Every patch below answers one concrete error megatron-core raises on a CPU-only torch build; each is applied only
+when ``torch.cuda.is_available()`` is False, and ``apply_cpu_compat()`` is idempotent. On a GPU machine this module
+does nothing. Keep all such shims here, one commented block per error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+class CPURNGStatesTracker:
+    """Drop-in for megatron's ``CudaRNGStatesTracker`` that forks the CPU generator.
+
+    Answers: ``RuntimeError: Torch not compiled with CUDA enabled`` from ``torch.cuda.get_rng_state`` inside
+    ``tensor_parallel.random.model_parallel_cuda_manual_seed`` / ``CudaRNGStatesTracker.add``.
+    Named streams ("model-parallel-rng", "data-parallel-rng", ...) keep their own CPU generator state, so
+    per-rank dropout / init streams behave as on GPU.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"rng seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def _patch_rng_tracker() -> None:
+    # Error: "Torch not compiled with CUDA enabled" in torch.cuda.get_rng_state, raised by
+    # model_parallel_cuda_manual_seed -> CudaRNGStatesTracker.add. Fix: make initialize_rng_tracker install the
+    # CPU tracker above (model_parallel_cuda_manual_seed looks both names up as module globals).
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def initialize_rng_tracker(*args, force_reset: bool = False, **kwargs):
+        if mrandom._CUDA_RNG_STATE_TRACKER is None or force_reset or not isinstance(
+                mrandom._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
+            mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+            mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    mrandom.initialize_rng_tracker = initialize_rng_tracker
+    # torch.cuda.manual_seed is lazily queued on CPU builds (no error), but keep it explicit and side-effect free.
+    torch.cuda.manual_seed = lambda seed: None
+    torch.cuda.manual_seed_all = lambda seed: None
+
+
+def _patch_current_device() -> None:
+    # Error: "Torch not compiled with CUDA enabled" from torch.cuda.current_device(), used as a device in
+    # RotaryEmbedding.get_emb, GlobalMemoryBuffer.get_tensor, DotProductAttention softmax_offset and p2p comms.
+    # Fix: report the CPU device (tensors created with device="cpu" are what the CPU path needs).
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _patch_synchronize() -> None:
+    # Error: "Torch not compiled with CUDA enabled" from torch.cuda.synchronize() in pipeline p2p
+    # `_communicate` (batch_p2p_sync) and dist-checkpointing `preload_tensors`. Fix: no-op on CPU.
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+class _DummyStream:
+    """Stands in for torch.cuda.Stream / current_stream on CPU (everything is synchronous there)."""
+
+    def wait_stream(self, *a, **k):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def record_event(self, *a, **k):
+        return _DummyEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _DummyEvent:
+    def record(self, *a, **k):
+        return None
+
+    def wait(self, *a, **k):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+
+def _patch_streams() -> None:
+    # Error: "Torch not compiled with CUDA enabled" from torch.cuda.current_stream()/Stream()/Event() in
+    # DistributedDataParallel.start_grad_sync (megatron-core 0.19.x) and optimizer/bucket code paths.
+    # Fix: synchronous dummy objects on CPU.
+    torch.cuda.current_stream = lambda *a, **k: _DummyStream()
+    torch.cuda.Stream = lambda *a, **k: _DummyStream()
+    torch.cuda.Event = lambda *a, **k: _DummyEvent()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+
+
+def _patch_tensor_cuda() -> None:
+    # Error: "Torch not compiled with CUDA enabled" from Tensor.cuda() (pipeline schedules, grad-norm and
+    # loss reductions move small tensors to "the GPU"). Fix: identity on CPU.
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+
+class _CudaToCPUMode(torch.overrides.TorchFunctionMode):
+    """Maps ``device="cuda"`` in tensor factories to CPU.
+
+    Answers: "Torch not compiled with CUDA enabled" from e.g. ``torch.zeros([], device="cuda")`` and
+    ``torch.tensor(..., device=torch.cuda.current_device())`` in pipeline schedules / optimizer clip_grads.
+    """
+
+    _FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange, torch.randn,
+                  torch.rand, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and "cuda" in str(dev):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.to,) and args and len(args) > 1 and "cuda" in str(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        if func is torch.Tensor.to and "cuda" in str(kwargs.get("device", "")):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+_MODE = None
+
+
+def cuda_to_cpu_mode() -> contextlib.AbstractContextManager:
+    """Context in which ``device="cuda"`` means CPU (only needed around megatron schedule/optimizer calls)."""
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return _CudaToCPUMode()
+
+
+def _patch_pin_memory() -> None:
+    # Error: "Cannot access accelerator device when none is available" from Tensor.pin_memory() in
+    # dist-checkpointing / data loaders. Fix: pinning is meaningless on CPU, return the tensor itself.
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+
+
+def _patch_default_causal_mask() -> None:
+    # Error: "Torch not compiled with CUDA enabled" from megatron.core.transformer.utils.get_default_causal_mask
+    # (torch.ones(sq, sq, device="cuda")) inside FusedScaleMaskSoftmax.forward_torch_softmax, i.e. every stock
+    # DotProductAttention forward with a causal mask. Fix: the same mask built on CPU (cached like the original).
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as mutils
+
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    mutils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
+def apply_cpu_compat() -> bool:
+    """Install every CPU shim once. Returns True if patches are (now) active, False on a CUDA machine."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    _patch_rng_tracker()
+    _patch_current_device()
+    _patch_synchronize()
+    _patch_streams()
+    _patch_tensor_cuda()
+    _patch_pin_memory()
+    _patch_default_causal_mask()
+    _APPLIED = True
+    return True
+
+
+__all__ = ["apply_cpu_compat", "cuda_to_cpu_mode", "CPURNGStatesTracker"]

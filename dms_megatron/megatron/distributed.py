@@ -1,0 +1,75 @@
+"""Process-group set-up for megatron-core (gloo on CPU, nccl on GPU), usable from torchrun or a bare process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dms_megatron.megatron.compat import apply_cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validate_layout(world_size: int, tp: int, pp: int) -> int:
+    """Check that tp * pp divides the world size; returns dp. One-line ValueError otherwise."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {tp} * {pp} = {tp * pp}"
+        )
+    return world_size // (tp * pp)
+
+
+def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int | None = None,
+                        timeout_s: int = 600) -> None:
+    """Initialise torch.distributed and megatron's model-parallel groups.
+
+    Uses torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT when present, otherwise a single local process.
+    Safe to call again after ``destroy_process_groups()`` (tests do).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    apply_cpu_compat()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(_free_port())
+            rank, world = 0, 1
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        validate_layout(world, tp, pp)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    validate_layout(dist.get_world_size(), tp, pp)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_process_groups() -> None:
+    """Tear down megatron's groups and the default process group (if any)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["init_process_groups", "destroy_process_groups", "validate_layout"]

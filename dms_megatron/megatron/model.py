@@ -1,0 +1,111 @@
+"""Build megatron-core GPT models (stock teacher or DMS student) from ``ModelConfig`` / ``DMSConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from dms_megatron.config import DMSConfig, ModelConfig
+from dms_megatron.megatron.compat import apply_cpu_compat
+
+
+def transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
+                       **overrides) -> TransformerConfig:
+    """Megatron TransformerConfig for a Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no linear bias)."""
+    on_gpu = torch.cuda.is_available()
+    kw = dict(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.kv_channels,
+        layernorm_epsilon=model_cfg.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model_cfg.add_qkv_bias,
+        qk_layernorm=model_cfg.qk_layernorm,
+        init_method_std=model_cfg.init_method_std,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=not on_gpu,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        bf16=False,
+        # Fusions need transformer-engine / apex kernels; keep them off (and always off on CPU).
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def build_gpt_model(model_cfg: ModelConfig, dms_cfg: Optional[DMSConfig] = None, *, seq_length: int,
+                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                    config: Optional[TransformerConfig] = None, vp_stage: Optional[int] = None):
+    """A megatron-core GPTModel for this rank. ``dms_cfg=None`` -> stock model (local spec), else DMS spec.
+
+    pre_process / post_process default to this rank's pipeline position. The DMS config (or None) is attached as
+    ``model.dms_config`` and the architecture as ``model.model_config``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from dms_megatron.megatron.spec import get_gpt_layer_dms_spec, get_gpt_layer_local_stock_spec
+
+    apply_cpu_compat()
+    if config is None:
+        config = transformer_config(
+            model_cfg, tp=parallel_state.get_tensor_model_parallel_world_size(),
+            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if dms_cfg is None:
+        spec = get_gpt_layer_local_stock_spec(qk_layernorm=model_cfg.qk_layernorm)
+    else:
+        spec = get_gpt_layer_dms_spec(dms_cfg, qk_layernorm=model_cfg.qk_layernorm)
+    rope_kwargs = {}
+    if model_cfg.rope_scaling == "llama3":
+        rope_kwargs = dict(rope_scaling=True, rope_scaling_factor=model_cfg.rope_scaling_factor)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=model_cfg.padded_vocab_size,
+        max_sequence_length=max(seq_length, model_cfg.max_position_embeddings),
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model_cfg.rotary_base),
+        vp_stage=vp_stage,
+        **rope_kwargs,
+    )
+    model.dms_config = dms_cfg
+    model.model_config = model_cfg
+    return model
+
+
+def config_dicts(model) -> dict:
+    """The architecture and DMS settings of a built model as plain dicts (for checkpoints and reports)."""
+    dms = getattr(model, "dms_config", None)
+    return {"model_config": asdict(model.model_config), "dms_config": None if dms is None else asdict(dms)}
+
+
+__all__ = ["transformer_config", "build_gpt_model", "config_dicts"]
