@@ -1,0 +1,189 @@
+"""DMS inside megatron-core GPT models vs stock megatron and an independent step-by-step reference decoder."""
+
+import pytest
+import torch
+
+from conftest import TINY_SEQ, TINY_VOCAB, tiny_model_config
+from reference_decoder import ReferenceDecoder
+
+from dms_megatron.config import DMSConfig
+from dms_megatron.core.losses import compression_loss
+
+BATCH = 2
+WINDOW = 3
+STEPS_TO_MOVE = 25
+
+
+def _build(model_cfg, dms_cfg, seed=0):
+    from dms_megatron.megatron.model import build_gpt_model
+
+    torch.manual_seed(seed)
+    return build_gpt_model(model_cfg, dms_cfg, seq_length=TINY_SEQ)
+
+
+def _tokens(seed=0, b=BATCH, s=TINY_SEQ):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, TINY_VOCAB, (b, s), generator=g)
+    return ids, torch.arange(s)[None].expand(b, -1)
+
+
+def _forward(model, runtime=None):
+    from dms_megatron.megatron.runtime import attach_runtime
+
+    attach_runtime(model, runtime)
+    ids, pos = _tokens()
+    return model(ids, pos, None)
+
+
+def _student_from(stock, model_cfg, dms_cfg):
+    student = _build(model_cfg, dms_cfg, seed=1)
+    missing, unexpected = student.load_state_dict(stock.state_dict(), strict=False)
+    assert not unexpected and all("dms_alpha" in k for k in missing)
+    return student
+
+
+FAMILIES = {
+    "llama": {},
+    "qwen2": {"family": "qwen2", "add_qkv_bias": True},
+    "qwen3": {"family": "qwen3", "qk_layernorm": True},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stock_megatron_matches_reference_decoder(megatron_single, family):
+    cfg = tiny_model_config(**FAMILIES[family])
+    stock = _build(cfg, None)
+    if cfg.add_qkv_bias:  # megatron zero-initialises biases: make them matter
+        with torch.no_grad():
+            for n, p in stock.named_parameters():
+                if n.endswith("linear_qkv.bias"):
+                    p.normal_(0, 0.5)
+    ids, _ = _tokens()
+    logits = _forward(stock)[0, :, :TINY_VOCAB].double()
+    ref = ReferenceDecoder(stock.state_dict(), cfg).run(ids[0])[:, :TINY_VOCAB]
+    assert torch.allclose(logits, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("source", ["qneuron", "adapter"])
+def test_teacher_mode_equals_stock_model(megatron_single, family, source):
+    cfg = tiny_model_config(**FAMILIES[family])
+    stock = _build(cfg, None)
+    teacher = _student_from(stock, cfg, DMSConfig(window=WINDOW, alpha_source=source, teacher_mode=True))
+    assert torch.allclose(_forward(teacher), _forward(stock), atol=1e-6, rtol=0)
+
+
+def test_qneuron_student_without_eviction_is_the_model_minus_the_borrowed_neuron(megatron_single):
+    """With a window >= sequence length no eviction can happen, so the student differs from the teacher exactly
+    by the borrowed neuron (last dim of the first query head of each group), which is zeroed before and after RoPE.
+    The reference decoder zeroes it independently; train (soft) and hard modes must both match it."""
+    from dms_megatron.megatron.runtime import DMSRuntime
+
+    cfg = tiny_model_config()
+    stock = _build(cfg, None)
+    student = _student_from(stock, cfg, DMSConfig(window=TINY_SEQ))
+    ids, _ = _tokens()
+    ref = ReferenceDecoder(stock.state_dict(), cfg, qneuron=True).run(ids[0])[:, :TINY_VOCAB]
+    for mode in ("train", "hard"):
+        got = _forward(student, DMSRuntime(mode=mode))[0, :, :TINY_VOCAB].double()
+        assert torch.allclose(got, ref, atol=1e-4), mode
+    teacher_logits = _forward(stock)[0, :, :TINY_VOCAB].double()
+    assert not torch.allclose(teacher_logits, ref, atol=1e-4)  # the neuron matters
+
+
+@pytest.mark.parametrize("source", ["qneuron", "adapter"])
+def test_hard_forward_equals_decode_with_physical_eviction(megatron_single, source):
+    from dms_megatron.megatron.runtime import DMSRuntime
+
+    cfg = tiny_model_config()
+    stock = _build(cfg, None)
+    student = _student_from(stock, cfg, DMSConfig(window=WINDOW, alpha_source=source))
+    if source == "adapter":  # zero-initialised adapter evicts nothing: give it random weights
+        with torch.no_grad():
+            for n, p in student.named_parameters():
+                if n.endswith("dms_alpha_proj.weight"):
+                    p.normal_(0, 0.05)
+    rt = DMSRuntime(mode="hard")
+    logits = _forward(student, rt)
+    ids, _ = _tokens()
+    for b in range(BATCH):
+        ref = ReferenceDecoder(student.state_dict(), cfg, qneuron=source == "qneuron", adapter=source == "adapter",
+                               window=WINDOW, evict=True)
+        ref_logits = ref.run(ids[b])[:, :TINY_VOCAB]
+        assert torch.allclose(logits[b, :, :TINY_VOCAB].double(), ref_logits, atol=1e-4)
+        full = cfg.num_layers * cfg.num_query_groups * TINY_SEQ
+        assert ref.resident_history[-1] < 0.8 * full, "the test must exercise eviction"
+    # The recorded fraction is the mean of the hard decisions over all positions (reference decoder-independent).
+    frac = torch.stack([rt.fractions[k] for k in sorted(rt.fractions)]).mean(0)
+    flags_mean = torch.stack([(rt.logits[k] > 0).float().mean(dim=(1, 2)) for k in sorted(rt.logits)]).mean(0)
+    assert torch.allclose(frac, flags_mean)
+
+
+@pytest.mark.parametrize("source", ["qneuron", "adapter"])
+def test_gradients_reach_alpha_source(megatron_single, source):
+    from dms_megatron.megatron.runtime import DMSRuntime
+
+    cfg = tiny_model_config()
+    student = _build(cfg, DMSConfig(window=WINDOW, alpha_source=source))
+    rt = DMSRuntime(mode="train")
+    _forward(student, rt)
+    compression_loss(rt.mean_fraction(), 0.9).backward()
+    if source == "adapter":
+        grads = [p.grad for n, p in student.named_parameters() if n.endswith("dms_alpha_proj.weight")]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    else:
+        g_, hn = cfg.gqa_factor, cfg.kv_channels
+        rows_per_group = (g_ + 2) * hn
+        borrowed = [gi * rows_per_group + hn - 1 for gi in range(cfg.num_query_groups)]
+        for n, p in student.named_parameters():
+            if n.endswith("linear_qkv.weight"):
+                assert p.grad[borrowed].abs().sum() > 0
+        # in the last layer nothing downstream depends on the queries: only the borrowed rows get gradient
+        last = dict(student.named_parameters())[f"decoder.layers.{cfg.num_layers - 1}.self_attention.linear_qkv.weight"]
+        others = [r for r in range(last.shape[0]) if r not in borrowed]
+        assert last.grad[others].abs().sum() == 0
+
+
+@pytest.mark.parametrize("source", ["qneuron", "adapter"])
+def test_compression_loss_raises_evicted_fraction(megatron_single, source):
+    from dms_megatron.megatron.runtime import DMSRuntime
+
+    cfg = tiny_model_config()
+    student = _build(cfg, DMSConfig(window=WINDOW, alpha_source=source))
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    fracs = []
+    for step in range(STEPS_TO_MOVE):
+        rt = DMSRuntime(mode="train", step=step)
+        _forward(student, rt)
+        frac = rt.mean_fraction()
+        fracs.append(frac.mean().item())
+        opt.zero_grad()
+        compression_loss(frac, 0.75).backward()
+        opt.step()
+    # starts below the 0.75 target (q-neuron: random-init decisions; adapter: logit -5 -> nothing evicted)
+    assert fracs[0] < 0.5 and fracs[-1] > 0.7, fracs
+
+
+def test_flex_backend_matches_dense_through_the_model(megatron_single):
+    from dms_megatron.megatron.runtime import DMSRuntime
+
+    cfg = tiny_model_config()
+    stock = _build(cfg, None)
+    dense = _student_from(stock, cfg, DMSConfig(window=WINDOW, backend="dense"))
+    flex = _student_from(stock, cfg, DMSConfig(window=WINDOW, backend="flex"))
+    for mode in ("train", "hard"):
+        with torch.no_grad():  # FlexAttention has no backward on CPU
+            a = _forward(dense, DMSRuntime(mode=mode, seed=3, step=5))
+            b = _forward(flex, DMSRuntime(mode=mode, seed=3, step=5))
+        assert torch.allclose(a, b, atol=1e-5), mode
+
+
+def test_train_mode_noise_depends_on_step_and_is_reproducible(megatron_single):
+    from dms_megatron.megatron.runtime import DMSRuntime
+
+    cfg = tiny_model_config()
+    student = _build(cfg, DMSConfig(window=WINDOW))
+    a = _forward(student, DMSRuntime(mode="train", step=1))
+    b = _forward(student, DMSRuntime(mode="train", step=1))
+    c = _forward(student, DMSRuntime(mode="train", step=2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
