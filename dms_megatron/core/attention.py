@@ -62,17 +62,13 @@ def flex_dms_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     (eager) and GPU; the backward needs a GPU. ``compiled``: wrap flex_attention in torch.compile (default: on
     CUDA only).
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     b, np_, sq, hn = query.shape
     ng, sk = key.shape[1], key.shape[2]
     g = np_ // ng
     offset = sk - sq
-
-    def causal(b_, h_, q_idx, kv_idx):
-        return q_idx + offset >= kv_idx
-
-    block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=sq, KV_LEN=sk, device=query.device)
+    block_mask = causal_block_mask(sq, sk, query.device)
     if key_logits is None:
         score_mod = None
     else:
@@ -96,6 +92,41 @@ def flex_dms_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 _COMPILED = None
+FLEX_BLOCK = 128
+
+
+def causal_block_mask(sq: int, sk: int, device, block: int = FLEX_BLOCK):
+    """FlexAttention BlockMask for causal attention of the last ``sq`` of ``sk`` positions, built from block
+    counts in O((sq/block) * (sk/block)) memory (``create_block_mask`` would evaluate the mask on all sq*sk pairs)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    offset = sk - sq
+    nq, nk = -(-sq // block), -(-sk // block)
+    q_first = torch.arange(nq, device=device) * block + offset  # position of each q block's first query
+    q_last = torch.clamp(q_first + block - 1, max=sk - 1)
+    k_first = torch.arange(nk, device=device) * block
+    k_last = torch.clamp(k_first + block - 1, max=sk - 1)
+    full = k_last[None, :] <= q_first[:, None]  # every (q, k) pair in the tile is causal-visible
+    any_ = k_first[None, :] <= q_last[:, None]
+    if sk % block or sq % block:  # ragged edge tiles are never "full": let mask_mod handle them
+        full = full & (k_last - k_first + 1 == block)[None, :] & (q_last - q_first + 1 == block)[:, None]
+    partial = any_ & ~full
+    order = torch.arange(nk, device=device)
+
+    def pack(sel):
+        num = sel.sum(-1).to(torch.int32)
+        # selected block indices first (stable), padded with the rest
+        key_ = torch.where(sel, order[None, :], order[None, :] + nk)
+        idx = torch.sort(key_, dim=-1).values % nk
+        return num[None, None], idx.to(torch.int32)[None, None]
+
+    def causal(b_, h_, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    kv_num, kv_idx = pack(partial)
+    full_num, full_idx = pack(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=causal,
+                                    seq_lengths=(sq, sk))
 
 
 def _compiled_flex():
