@@ -201,6 +201,30 @@ def _patch_default_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
+def _patch_clip_grads() -> None:
+    # Error: AssertionError at `param.grad.type() == 'torch.cuda.FloatTensor'` in
+    # megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32 (called by MegatronOptimizer.step when
+    # clip_grad > 0). Fix: the same in-place scaling by max_norm / (total_norm + 1e-6), without the CUDA assert.
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+        for g in grads:
+            if g.dtype not in (torch.float32, torch.bfloat16):
+                raise TypeError(f"gradient clipping expects fp32/bf16 grads, got {g.dtype}")
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            with torch.no_grad():
+                for g in grads:
+                    g.mul_(clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
 def apply_cpu_compat() -> bool:
     """Install every CPU shim once. Returns True if patches are (now) active, False on a CUDA machine."""
     global _APPLIED
@@ -215,6 +239,7 @@ def apply_cpu_compat() -> bool:
     _patch_tensor_cuda()
     _patch_pin_memory()
     _patch_default_causal_mask()
+    _patch_clip_grads()
     _APPLIED = True
     return True
 

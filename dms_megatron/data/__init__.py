@@ -1,0 +1,1 @@
+"""Data: tokenizer, offline corpus, the synthetic long-range recall task, Megatron indexed datasets."""

@@ -1,0 +1,82 @@
+"""Megatron indexed datasets (.bin/.idx) and megatron-core GPT datasets over them (packing, EOS/pad masks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def write_indexed(prefix: str | Path, documents: Iterable[Sequence[int]], vocab_size: int) -> int:
+    """Write token-id documents to ``prefix.bin`` / ``prefix.idx``; returns the number of documents."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    dtype = np.uint16 if vocab_size < 65500 else np.int32
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    n = 0
+    for doc in documents:
+        if len(doc) == 0:
+            continue
+        builder.add_document(torch.tensor(list(doc), dtype=torch.long), [len(doc)])
+        n += 1
+    builder.finalize(prefix + ".idx")
+    if n == 0:
+        raise ValueError(f"no non-empty documents were written to {prefix}.bin")
+    return n
+
+
+def check_prefix(prefix: str | Path, what: str = "data prefix") -> str:
+    p = str(prefix)
+    for ext in (".bin", ".idx"):
+        if not Path(p + ext).is_file():
+            raise FileNotFoundError(f"{what} {p}: {p + ext} does not exist (build it with tools/preprocess_data.py)")
+    return p
+
+
+def max_token_id(prefix: str | Path) -> int:
+    """Largest token id stored in an indexed dataset (to check it against the model's vocabulary)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(check_prefix(prefix))
+    return int(max(int(np.max(ds[i])) for i in range(len(ds))))
+
+
+def build_gpt_datasets(train_prefix, valid_prefix, seq_length: int, seed: int, num_train_samples: int,
+                       num_valid_samples: int, eos_id: int, pad_id: int, vocab_size: int,
+                       cache_dir: Optional[str] = None):
+    """megatron-core GPTDatasets (train, valid) packing documents into ``seq_length`` windows.
+
+    Items are dicts with tokens, labels, loss_mask (0 on padding and on predictions made from EOS),
+    position_ids. ``cache_dir`` holds megatron's index caches (default: beside the data).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from dms_megatron.data.tokenizer import MegatronTokenizerAdapter
+
+    train_prefix, valid_prefix = check_prefix(train_prefix, "train prefix"), check_prefix(valid_prefix, "valid prefix")
+    cfg = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend_per_split=[([train_prefix], None), ([valid_prefix], None), None],
+        tokenizer=MegatronTokenizerAdapter(eos_id, pad_id, vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=True,
+        create_attention_mask=False,
+        path_to_cache=cache_dir or str(Path(train_prefix).parent / "index-cache"),
+        mmap_bin_files=True,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_train_samples, num_valid_samples, None], lambda: True, cfg
+    ).build()
+    return train, valid
+
+
+def collate(items: List[dict]) -> dict:
+    """Stack GPTDataset items into a batch of [b, s] tensors."""
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in keys}
