@@ -1,0 +1,1 @@
+"""Launch layer: Hydra configuration, run directories, process spawning. Nothing below imports it."""

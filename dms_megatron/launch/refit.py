@@ -1,0 +1,70 @@
+"""``dms-refit``: the Hydra launcher of a DMS re-fit.
+
+Hydra resolves configs/refit.yaml + overrides (e.g. ``dms.final_cr=8 dms.window=256``, ``-m`` for sweeps) into a run
+directory (``hydra.run.dir=DIR`` to choose it), validates them into a ``RefitConfig`` (a bad value stops here with a
+one-line error), writes ``config.yaml`` and runs the worker: in-process for one rank, or through torchrun when the
+layout needs several (``parallel.nproc_per_node`` or tp * pp ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def register_configs() -> None:
+    """Register the structured schema so YAML groups are type-checked (unknown keys and wrong types fail)."""
+    from hydra.core.config_store import ConfigStore
+
+    from dms_megatron.training.config import RefitConfig
+
+    ConfigStore.instance().store(name="refit_schema", node=RefitConfig)
+
+
+def _task(dcfg) -> None:
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from dms_megatron.config import ConfigError
+    from dms_megatron.training.config import RefitConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    container = OmegaConf.to_container(dcfg, resolve=True)
+    try:
+        cfg = RefitConfig.from_dict(container)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    world = cfg.parallel.nproc_per_node or cfg.parallel.tp * cfg.parallel.pp
+    if world > 1 and "RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", "dms_megatron.training.worker", "--run-dir", str(run_dir)]
+        rc = subprocess.call(cmd)
+    else:
+        from dms_megatron.training.worker import main as worker_main
+
+        rc = worker_main(["--run-dir", str(run_dir)])
+    if rc:
+        sys.exit(rc)
+
+
+def main() -> None:
+    import hydra
+
+    if not CONFIG_DIR.is_dir():
+        print(f"error: config directory {CONFIG_DIR} not found; install the project editable (pip install -e .) "
+              f"from its source checkout", file=sys.stderr)
+        sys.exit(2)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    register_configs()
+    hydra.main(config_path=str(CONFIG_DIR), config_name="refit", version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Re-fitting: run configuration, training loop, checkpoints, logging, evaluation and reports."""

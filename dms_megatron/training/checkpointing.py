@@ -1,0 +1,211 @@
+"""Megatron-style checkpoints with megatron-core dist-checkpointing (reshardable across tp/pp layouts).
+
+Layout: ``<dir>/iter_0000100/`` (a dist-checkpointing directory: model, optimizer, common state) and
+``<dir>/latest_checkpointed_iteration.txt``. Writes are atomic: the iteration is written into a temporary
+directory that is renamed into place once complete, and the tracker file is replaced last.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial, corrupt or does not match the model."""
+
+
+def _unwrap(model):
+    """Model chunks without their DistributedDataParallel wrapper."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m.module if hasattr(m, "module") else m for m in chunks]
+
+
+def _model_sharded_sd(model) -> dict:
+    chunks = _unwrap(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def iter_dir(save_dir, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None):
+    """Save model (+ optimizer, scheduler, extra python state) as iteration ``iteration`` under ``save_dir``."""
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir)
+    final = iter_dir(save_dir, iteration)
+    tmp = save_dir / f".tmp_iter_{iteration:07d}"
+    if _rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = {"model": _model_sharded_sd(model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    common = {"iteration": iteration, "extra": extra or {}, "rng": torch.get_rng_state()}
+    if scheduler is not None:
+        common["scheduler"] = scheduler.state_dict()
+    state["common"] = common
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = save_dir / (TRACKER + ".tmp")
+        tracker_tmp.write_text(str(iteration))
+        os.replace(tracker_tmp, save_dir / TRACKER)
+    _barrier()
+    return final
+
+
+def latest_iteration(load_dir) -> Optional[int]:
+    """The iteration recorded in the tracker file, or None if ``load_dir`` has no checkpoint."""
+    p = Path(load_dir) / TRACKER
+    if not p.is_file():
+        return None
+    text = p.read_text().strip()
+    if not re.fullmatch(r"\d+", text):
+        raise CheckpointError(f"{p} is corrupt: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def resolve_checkpoint(load_dir, iteration: Optional[int] = None) -> Tuple[Path, int]:
+    """Directory and iteration to load; one-line CheckpointError if missing or partial."""
+    load_dir = Path(load_dir)
+    if not load_dir.exists():
+        raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
+    if iteration is None:
+        iteration = latest_iteration(load_dir)
+        if iteration is None:
+            raise CheckpointError(f"{load_dir} has no {TRACKER}: not a checkpoint directory (or nothing saved yet)")
+    d = iter_dir(load_dir, iteration)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {d} does not exist (tracker or --iteration points to a missing save)")
+    for needed in ("metadata.json", ".metadata", "common.pt"):
+        if not (d / needed).is_file():
+            raise CheckpointError(f"checkpoint {d} is partial or corrupt: {needed} is missing; "
+                                  f"delete it or load an earlier iteration")
+    return d, iteration
+
+
+def _common(d: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(d))
+    except Exception as e:  # noqa: BLE001 - report any unpickling failure as a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {d} is corrupt: cannot read its common state ({type(e).__name__}: {e})")
+    return common.get("common", common)
+
+
+def read_extra(load_dir, iteration: Optional[int] = None) -> dict:
+    """The ``extra`` dict saved with a checkpoint (configs, data position, ...), without loading tensors."""
+    d, _ = resolve_checkpoint(load_dir, iteration)
+    return _common(d).get("extra", {})
+
+
+def _load(d: Path, state: dict, strict: bool) -> dict:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    try:
+        return dist_checkpointing.load(state, str(d),
+                                       strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load {d}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+
+
+def _apply_model(model, loaded_model: dict, strict: bool):
+    chunks = _unwrap(model)
+    if len(chunks) == 1:
+        return chunks[0].load_state_dict(loaded_model, strict=strict)
+    for i, c in enumerate(chunks):
+        c.load_state_dict(loaded_model[f"model{i}"], strict=strict)
+
+
+def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: Optional[int] = None,
+                    strict: bool = True, restore_rng: bool = True) -> Tuple[int, dict]:
+    """Load a full training state. Returns (iteration, extra)."""
+    d, iteration = resolve_checkpoint(load_dir, iteration)
+    common = _common(d)
+    state = {"model": _model_sharded_sd(model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
+    loaded = _load(d, state, strict)
+    _apply_model(model, loaded["model"], strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        if "scheduler" not in common:
+            raise CheckpointError(f"checkpoint {d} has no scheduler state (saved without a scheduler)")
+        scheduler.load_state_dict(common["scheduler"])
+    if restore_rng and "rng" in common:
+        torch.set_rng_state(common["rng"])
+    return iteration, common.get("extra", {})
+
+
+def _flatten_keys(sd: dict, prefix="") -> Iterable[Tuple[str, str]]:
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            yield from _flatten_keys(v, prefix + k + ".")
+        else:
+            yield prefix + k, getattr(v, "key", None)
+
+
+def load_model_weights(load_dir, model, iteration: Optional[int] = None, allow_missing: Sequence[str] = ()):
+    """Initialise ``model`` from a checkpoint's model weights (teacher / student init).
+
+    Strict, except that parameters whose name contains one of ``allow_missing`` (e.g. "dms_alpha" for a DMS
+    adapter student initialised from a stock checkpoint) may be absent from the checkpoint; they keep their
+    initial values. Returns the list of such parameter names.
+    """
+    from megatron.core import dist_checkpointing
+
+    d, _ = resolve_checkpoint(load_dir, iteration)
+    chunks = _unwrap(model)
+    if len(chunks) != 1:
+        raise NotImplementedError("load_model_weights expects a single model chunk")
+    m = chunks[0]
+    sharded = m.sharded_state_dict()
+    in_ckpt = set(dist_checkpointing.load_tensors_metadata(str(d)).keys())
+    skipped = []
+    for name in list(sharded):
+        key = getattr(sharded[name], "key", None)
+        if key is not None and key not in in_ckpt and any(a in name for a in allow_missing):
+            skipped.append(name)
+            del sharded[name]
+    loaded = _load(d, {"model": sharded}, strict=True)["model"]
+    missing, unexpected = m.load_state_dict(loaded, strict=False)
+    bad_missing = [k for k in missing if not any(a in k for a in allow_missing) and not k.endswith("_extra_state")]
+    if bad_missing or unexpected:
+        raise CheckpointError(f"{d} does not match the model: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+    return skipped
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "latest_iteration", "resolve_checkpoint",
+           "read_extra", "CheckpointError", "iter_dir", "TRACKER"]

@@ -1,0 +1,276 @@
+"""The DMS re-fitting loop on megatron-core: frozen teacher -> DMS student distillation + compression loss.
+
+Runs in every rank (single process or torchrun). Reads a validated ``RefitConfig``; never imports Hydra.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
+from dms_megatron.core.losses import compression_loss, cr_at_step, kd_loss, target_evicted_fraction
+from dms_megatron.training.config import RefitConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+ARCH_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm", "tie_embeddings")
+
+
+def _check_same_arch(a: ModelConfig, b: ModelConfig, where: str) -> None:
+    diff = [f"{f}: config {getattr(a, f)} vs {where} {getattr(b, f)}" for f in ARCH_FIELDS
+            if getattr(a, f) != getattr(b, f)]
+    if diff:
+        raise ConfigError(f"model config does not match {where}: " + "; ".join(diff))
+
+
+class Resolved:
+    """Concrete data/teacher locations for a run (embedded default or user-provided)."""
+
+    def __init__(self, cfg: RefitConfig):
+        from dms_megatron.data.indexed import check_prefix, max_token_id
+        from dms_megatron.data.tokenizer import load_tokenizer
+        from dms_megatron.training.checkpointing import read_extra
+
+        if cfg.embedded:
+            from dms_megatron.data.embedded import ensure_tiny_teacher
+
+            a = ensure_tiny_teacher(quiet=_rank() != 0)
+            self.model_config = a.model_config
+            self.train_prefix, self.valid_prefix = a.train_prefix, a.valid_prefix
+            self.tokenizer_dir, self.recall_eval = a.tokenizer_dir, a.recall_eval
+            self.init_checkpoint = a.teacher_checkpoint
+            self.eos_id, self.pad_id = a.eos_id, a.pad_id
+            self.teacher_info = a.info
+        else:
+            self.init_checkpoint = Path(cfg.train.init_checkpoint)
+            extra = read_extra(self.init_checkpoint)
+            if "model_config" not in extra:
+                raise ConfigError(f"{self.init_checkpoint} does not record its model_config")
+            self.model_config = ModelConfig(**extra["model_config"])
+            self.train_prefix = check_prefix(cfg.data.train_prefix, "data.train_prefix")
+            self.valid_prefix = check_prefix(cfg.data.valid_prefix, "data.valid_prefix")
+            self.tokenizer_dir = cfg.data.tokenizer
+            self.recall_eval = cfg.data.recall_eval
+            tok = load_tokenizer(self.tokenizer_dir)
+            self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
+            self.teacher_info = {}
+        _check_same_arch(cfg.model, self.model_config, f"the teacher checkpoint {self.init_checkpoint}")
+        tok = load_tokenizer(self.tokenizer_dir)
+        if len(tok) > self.model_config.vocab_size:
+            raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(tok)} tokens but the model vocabulary is "
+                              f"{self.model_config.vocab_size}: wrong tokenizer for this model")
+        for prefix in (self.train_prefix, self.valid_prefix):
+            m = max_token_id(prefix)
+            if m >= self.model_config.vocab_size:
+                raise ConfigError(f"{prefix}.bin holds token id {m} >= model vocab {self.model_config.vocab_size}: "
+                                  f"data was tokenized with another tokenizer")
+
+
+def _fault(step: int) -> str:
+    """Fault injection for resilience tests: DMS_FAULT_INJECT="kill@N" (SIGKILL this process after logging step N)
+    or "nan@N" (make step N's loss NaN). Unset in normal runs."""
+    spec = os.environ.get("DMS_FAULT_INJECT", "")
+    if "@" not in spec:
+        return ""
+    kind, at = spec.split("@", 1)
+    return kind if int(at) == step else ""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _check_teacher(model) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"teacher weight {name} has NaN/inf values after loading")
+        if name.endswith("word_embeddings.weight") and float(p.detach().float().std()) == 0.0:
+            raise ConfigError(f"teacher weight {name} is constant after loading: the checkpoint looks empty")
+
+
+def _batches(dataset, step: int, gbs: int, mbs: int, dp_rank: int, dp: int):
+    """Micro-batches of one optimizer step for one data-parallel rank; sample ids are global dataset indices."""
+    from dms_megatron.data.indexed import collate
+
+    per_rank = gbs // dp
+    first = step * gbs + dp_rank * per_rank
+    for m in range(per_rank // mbs):
+        ids = list(range(first + m * mbs, first + (m + 1) * mbs))
+        b = collate([dataset[i] for i in ids])
+        b["sample_ids"] = torch.tensor(ids)
+        yield b
+
+
+def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
+    """Train, checkpoint and report. Returns the report dict (rank 0) or {}."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dms_megatron.data.indexed import build_gpt_datasets
+    from dms_megatron.megatron.compat import cuda_to_cpu_mode
+    from dms_megatron.megatron.distributed import init_process_groups
+    from dms_megatron.megatron.model import build_gpt_model
+    from dms_megatron.megatron.runtime import DMSRuntime, attach_runtime
+    from dms_megatron.training.checkpointing import latest_iteration, load_checkpoint, load_model_weights, \
+        save_checkpoint
+    from dms_megatron.training.logger import MetricsLogger
+    from dms_megatron.training.report import write_report
+
+    run_dir = Path(run_dir)
+    t_cfg, p_cfg = cfg.train, cfg.parallel
+    if p_cfg.tp != 1 or p_cfg.pp != 1:
+        raise ConfigError(f"parallel.tp={p_cfg.tp} parallel.pp={p_cfg.pp}: this trainer runs tp=pp=1 (data "
+                          f"parallel across ranks is supported); use parallel.tp=1 parallel.pp=1")
+    init_process_groups(1, 1, seed=t_cfg.seed)
+    dp = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    if t_cfg.global_batch_size % (t_cfg.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t_cfg.global_batch_size} must be a multiple of "
+                          f"train.micro_batch_size * data-parallel size = {t_cfg.micro_batch_size} * {dp}")
+    res = Resolved(cfg)
+    mc = res.model_config
+    vocab = mc.vocab_size
+
+    # ---- models ----------------------------------------------------------------------------------------------
+    torch.manual_seed(t_cfg.seed)
+    teacher = build_gpt_model(mc, None, seq_length=t_cfg.seq_length)
+    load_model_weights(res.init_checkpoint, teacher)
+    _check_teacher(teacher)
+    teacher.eval().requires_grad_(False)
+    student = build_gpt_model(mc, cfg.dms, seq_length=t_cfg.seq_length)
+    load_model_weights(res.init_checkpoint, student, allow_missing=("dms_alpha",))
+    if t_cfg.mode == "adapter":
+        if cfg.dms.alpha_source != "adapter":
+            raise ConfigError("train.mode=adapter trains only the DMS adapter: set dms.alpha_source=adapter")
+        for n, p in student.named_parameters():
+            p.requires_grad_("dms_alpha" in n)
+    ddp = DistributedDataParallel(
+        student.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                      use_distributed_optimizer=False), student)
+    student.config.finalize_model_grads_func = finalize_model_grads
+    student.config.no_sync_func = ddp.no_sync
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=t_cfg.lr, min_lr=t_cfg.min_lr, weight_decay=t_cfg.weight_decay,
+                              adam_beta1=t_cfg.adam_beta1, adam_beta2=t_cfg.adam_beta2, clip_grad=t_cfg.clip_grad,
+                              params_dtype=torch.float32, use_distributed_optimizer=False)
+    with cuda_to_cpu_mode():
+        optimizer = get_megatron_optimizer(opt_cfg, [ddp])
+    decay_steps = max(1, t_cfg.steps - t_cfg.warmup_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t_cfg.lr, min_lr=t_cfg.min_lr, lr_warmup_steps=t_cfg.warmup_steps,
+        lr_decay_steps=t_cfg.warmup_steps + decay_steps, lr_decay_style=t_cfg.lr_decay_style,
+        start_wd=t_cfg.weight_decay, end_wd=t_cfg.weight_decay, wd_incr_steps=t_cfg.steps,
+        wd_incr_style="constant")
+
+    ckpt_dir = run_dir / "checkpoints"
+    start = 0
+    if latest_iteration(ckpt_dir) is not None:
+        start, _ = load_checkpoint(ckpt_dir, ddp, optimizer, scheduler)
+        if _rank() == 0:
+            print(f"resumed from {ckpt_dir} at step {start}", flush=True)
+
+    train_ds, valid_ds = build_gpt_datasets(
+        res.train_prefix, res.valid_prefix, t_cfg.seq_length, t_cfg.seed, t_cfg.steps * t_cfg.global_batch_size,
+        max(1, t_cfg.eval_batches * t_cfg.micro_batch_size), res.eos_id, res.pad_id, vocab,
+        cache_dir=str(run_dir / "data-cache") if not cfg.embedded else None)
+
+    logger = MetricsLogger(run_dir, cfg, start_step=start, total_steps=t_cfg.steps, enabled=_rank() == 0)
+    fwd_bwd = get_forward_backward_func()
+    num_micro = t_cfg.global_batch_size // (t_cfg.micro_batch_size * dp)
+    extra = {"model_config": asdict(mc), "dms_config": asdict(cfg.dms), "refit_config": cfg.to_dict()}
+    try:
+        for step in range(start, t_cfg.steps):
+            t0 = time.perf_counter()
+            target = target_evicted_fraction(cr_at_step(step, cfg.dms.initial_cr, cfg.dms.final_cr,
+                                                        cfg.dms.final_step))
+            layer_fracs = {}
+
+            def forward_step(data_iterator, model):
+                b = next(data_iterator)
+                with torch.no_grad():
+                    t_logits = teacher(b["tokens"], b["position_ids"], None)[..., :vocab]
+                valid = (b["loss_mask"] > 0) | (b["tokens"] == res.eos_id)
+                rt = DMSRuntime(mode="train", seed=t_cfg.seed, step=step, sample_ids=b["sample_ids"], valid=valid,
+                                record_flags=False)
+                attach_runtime(model, rt)
+                out = model(b["tokens"], b["position_ids"], None)
+
+                def loss_func(output):
+                    kd = kd_loss(output[..., :vocab], t_logits, b["loss_mask"], t_cfg.kd_direction)
+                    frac = rt.mean_fraction()
+                    comp = compression_loss(frac, target)
+                    for layer, f in rt.fractions.items():
+                        layer_fracs.setdefault(layer, []).append(float(f.detach().mean()))
+                    loss = kd + t_cfg.compression_weight * comp
+                    if _fault(step + 1) == "nan":
+                        loss = loss * float("nan")
+                    return loss, {"loss": loss.detach().clone(), "kd_loss": kd.detach(), "compression_loss": comp.detach(),
+                                  "evicted_fraction": frac.detach().mean()}
+
+                return out, loss_func
+
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            with cuda_to_cpu_mode():
+                reduced = fwd_bwd(forward_step_func=forward_step,
+                                  data_iterator=_batches(train_ds, step, t_cfg.global_batch_size,
+                                                         t_cfg.micro_batch_size, dp_rank, dp),
+                                  model=[ddp], num_microbatches=num_micro, seq_length=t_cfg.seq_length,
+                                  micro_batch_size=t_cfg.micro_batch_size, forward_only=False)
+            metrics = {k: sum(float(r[k]) for r in reduced) / len(reduced) for k in reduced[0]}
+            metrics = _dp_mean(metrics)
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint "
+                                       f"in {ckpt_dir} is kept")
+            with cuda_to_cpu_mode():
+                ok, grad_norm, _ = optimizer.step()
+            scheduler.step(1)
+            dt = time.perf_counter() - t0
+            metrics.update(step=step + 1, target_fraction=target, target_cr=1.0 / (1.0 - target),
+                           achieved_cr_train=1.0 / max(1e-9, 1.0 - metrics["evicted_fraction"]),
+                           lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
+                           tokens_per_s=t_cfg.global_batch_size * t_cfg.seq_length / dt,
+                           **{f"evicted_fraction/layer{k}": sum(v) / len(v) for k, v in sorted(layer_fracs.items())})
+            logger.log(metrics)
+            if _fault(step + 1) == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if (step + 1) % t_cfg.save_interval == 0 or step + 1 == t_cfg.steps:
+                save_checkpoint(ckpt_dir, step + 1, ddp, optimizer, scheduler, extra=extra)
+    finally:
+        logger.close()
+
+    report = {}
+    if _rank() == 0:
+        report = write_report(run_dir, cfg, res, student, teacher, valid_ds, logger, DMSRuntime)
+    return report
+
+
+def _dp_mean(metrics: dict) -> dict:
+    from megatron.core import parallel_state
+
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    t /= parallel_state.get_data_parallel_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+__all__ = ["run_refit", "TrainingDiverged"]

@@ -1,0 +1,59 @@
+"""Small self-made assets for trainer tests: tokenizer, indexed data, a random 2-layer teacher checkpoint."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+from conftest import tiny_model_config
+
+SEQ = 64
+VOCAB_TARGET = 300
+
+
+def build_assets(root: Path) -> dict:
+    """Writes tokenizer/, data/{train,valid}.{bin,idx}, recall.jsonl and teacher/ under ``root``."""
+    import torch
+
+    from dms_megatron.data.corpus import stdlib_texts
+    from dms_megatron.data.indexed import write_indexed
+    from dms_megatron.data.recall import RecallSpec, RecallTask, write_eval
+    from dms_megatron.data.tokenizer import train_tokenizer
+    from dms_megatron.megatron.model import build_gpt_model
+    from dms_megatron.training.checkpointing import save_checkpoint
+
+    texts = list(stdlib_texts(200_000, chunk_chars=1000))
+    tok = train_tokenizer(texts, VOCAB_TARGET, root / "tokenizer")
+    docs = [tok(t)["input_ids"] for t in texts]
+    rng = random.Random(0)
+    task = RecallTask(tok, RecallSpec(num_pairs=2, value_len=2, num_queries=1))
+    filler = docs[0]
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    write_indexed(root / "data" / "train", docs[:150], len(tok))
+    write_indexed(root / "data" / "valid", docs[150:], len(tok))
+    write_eval(root / "recall.jsonl", [task.eval_item(rng, filler[:20]) for _ in range(8)])
+    cfg = tiny_model_config(vocab_size=len(tok), max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    teacher = build_gpt_model(cfg, None, seq_length=SEQ)
+    save_checkpoint(root / "teacher", 0, teacher, extra={"model_config": asdict(cfg), "dms_config": None})
+    return {"model": asdict(cfg), "tokenizer": str(root / "tokenizer"), "train": str(root / "data" / "train"),
+            "valid": str(root / "data" / "valid"), "recall": str(root / "recall.jsonl"),
+            "teacher": str(root / "teacher")}
+
+
+def refit_dict(assets: dict, **train) -> dict:
+    t = dict(mode="full", steps=6, micro_batch_size=2, global_batch_size=4, seq_length=SEQ, lr=3e-3, min_lr=3e-4,
+             warmup_steps=1, save_interval=3, eval_batches=2, recall_eval_limit=8,
+             init_checkpoint=assets["teacher"])
+    t.update(train)
+    return {
+        "model": dict(assets["model"]),
+        "dms": dict(window=4, final_cr=2.0, initial_cr=1.0, final_step=4),
+        "train": t,
+        "data": dict(train_prefix=assets["train"], valid_prefix=assets["valid"], tokenizer=assets["tokenizer"],
+                     recall_eval=assets["recall"]),
+        "parallel": dict(tp=1, pp=1),
+        "logging": dict(wandb=False, progress=False),
+        "embedded": False,
+    }
