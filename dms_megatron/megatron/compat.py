@@ -100,6 +100,9 @@ def _patch_synchronize() -> None:
 class _DummyStream:
     """Stands in for torch.cuda.Stream / current_stream on CPU (everything is synchronous there)."""
 
+    def __init__(self, *a, **k):
+        pass
+
     def wait_stream(self, *a, **k):
         return None
 
@@ -117,6 +120,9 @@ class _DummyStream:
 
 
 class _DummyEvent:
+    def __init__(self, *a, **k):
+        pass
+
     def record(self, *a, **k):
         return None
 
@@ -135,8 +141,9 @@ def _patch_streams() -> None:
     # DistributedDataParallel.start_grad_sync (megatron-core 0.19.x) and optimizer/bucket code paths.
     # Fix: synchronous dummy objects on CPU.
     torch.cuda.current_stream = lambda *a, **k: _DummyStream()
-    torch.cuda.Stream = lambda *a, **k: _DummyStream()
-    torch.cuda.Event = lambda *a, **k: _DummyEvent()
+    # Classes, not lambdas: libraries evaluate annotations such as `torch.cuda.Stream | None` at import time.
+    torch.cuda.Stream = _DummyStream
+    torch.cuda.Event = _DummyEvent
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
 
 
