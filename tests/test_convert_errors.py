@@ -134,5 +134,6 @@ def test_failure_mid_export_leaves_nothing_behind(megatron_single, tmp_path, hf_
 
     monkeypatch.setattr(cli, "write_safetensors_streaming", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        main(["export", "--megatron-path", str(tmp_path / "meg"), "--hf-path", str(tmp_path / "out")])
+        main(["export", "--megatron-path", str(tmp_path / "meg"), "--hf-path", str(tmp_path / "out"),
+              "--format", "plain"])
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.tmp"))
