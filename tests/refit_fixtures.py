@@ -12,7 +12,7 @@ SEQ = 64
 VOCAB_TARGET = 300
 
 
-def build_assets(root: Path) -> dict:
+def build_assets(root: Path, init_std: float = 0.02) -> dict:
     """Writes tokenizer/, data/{train,valid}.{bin,idx}, recall.jsonl and teacher/ under ``root``."""
     import torch
 
@@ -33,7 +33,7 @@ def build_assets(root: Path) -> dict:
     write_indexed(root / "data" / "train", docs[:150], len(tok))
     write_indexed(root / "data" / "valid", docs[150:], len(tok))
     write_eval(root / "recall.jsonl", [task.eval_item(rng, filler[:20]) for _ in range(8)])
-    cfg = tiny_model_config(vocab_size=len(tok), max_position_embeddings=SEQ)
+    cfg = tiny_model_config(vocab_size=len(tok), max_position_embeddings=SEQ, init_method_std=init_std)
     torch.manual_seed(0)
     teacher = build_gpt_model(cfg, None, seq_length=SEQ)
     save_checkpoint(root / "teacher", 0, teacher, extra={"model_config": asdict(cfg), "dms_config": None})

@@ -8,6 +8,7 @@ directory that is renamed into place once complete, and the tracker file is repl
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 from pathlib import Path
@@ -49,6 +50,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _use_in_process_results_queue() -> None:
+    """Our saves are synchronous, so the writer's results queue can live in this process.
+
+    megatron-core's FileSystemWriterAsync otherwise starts a spawned multiprocessing.Manager to host it, which
+    re-imports ``__main__`` and outlives a SIGKILLed trainer (holding its stdout/stderr open).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None):
     """Save model (+ optimizer, scheduler, extra python state) as iteration ``iteration`` under ``save_dir``."""
     from megatron.core import dist_checkpointing
@@ -68,6 +81,7 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
     if scheduler is not None:
         common["scheduler"] = scheduler.state_dict()
     state["common"] = common
+    _use_in_process_results_queue()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
@@ -133,7 +147,7 @@ def _load(d: Path, state: dict, strict: bool) -> dict:
 
     try:
         return dist_checkpointing.load(state, str(d),
-                                       strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL)
+                                       strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_ALL)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001

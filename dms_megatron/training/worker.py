@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", required=True, type=Path)
     args = ap.parse_args(argv)
+    from dms_megatron.training.checkpointing import CheckpointError
     from dms_megatron.training.config import RefitConfig
     from dms_megatron.training.loop import TrainingDiverged, run_refit
 
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     try:
         cfg = RefitConfig.from_dict(yaml.safe_load(cfg_path.read_text()))
         report = run_refit(cfg, args.run_dir)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
