@@ -31,8 +31,9 @@ from dms_megatron.config import ConfigError, DMSConfig, ModelConfig, from_dict
 from dms_megatron.convert import family_by_name, family_for_hf_config
 from dms_megatron.convert.hf_io import (ConversionError, SafetensorsReader, check_output_dir, finalize_output,
                                         iter_side_files, read_config, write_safetensors_streaming)
-from dms_megatron.convert.mapping import (DMS_AUTO_MAP, BoundRule, ExportProducer, bind_rules, dms_from_hf,
-                                          dms_to_hf, export_plan, pp_layer_range, tp_shard, validate_hf_tensors)
+from dms_megatron.convert.mapping import (DMS_AUTO_MAP, TP_ROWS, BoundRule, ExportProducer, VocabPad, bind_rules,
+                                          dms_from_hf, dms_to_hf, export_plan, pp_layer_range, tp_shard,
+                                          validate_hf_tensors)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ASSETS = "hf_assets"
@@ -115,11 +116,22 @@ def load_hf_into_model(model, reader: SafetensorsReader, fam, mc: ModelConfig, d
         tied_head = mc.tie_embeddings and pp > 1 and pp_rank == pp - 1 and b.megatron.startswith("embedding.word")
         if name is None and not tied_head:
             continue
+        targets = ([name] if name is not None else []) + (["output_layer.weight"] if tied_head else [])
+        # (a tied head: the last stage keeps its own copy of the tied embedding as the output layer)
+        if isinstance(b.rule.transform, VocabPad) and b.rule.tp == TP_ROWS:
+            (w,) = [reader.get(n) for n in b.hf]  # pad in place: no padded copy of the (largest) vocab tensor
+            for t in targets:
+                if t not in params or params[t].shape[0] * tp != mc.padded_vocab_size:
+                    raise ConversionError(f"megatron parameter {t!r} missing or not [{mc.padded_vocab_size}/{tp}, "
+                                          f"hidden] (model built with another config?)")
+                with torch.no_grad():
+                    VocabPad.fill_shard(w, params[t], tp, tp_rank)
+                written.add(t)
+            del w
+            continue
         full = b.rule.transform.to_megatron([reader.get(n) for n in b.hf], mc)
-        if name is not None:
-            put(name, full, b.rule.tp)
-        if tied_head:  # the last stage keeps its own copy of the tied embedding as the output layer
-            put("output_layer.weight", full, b.rule.tp)
+        for t in targets:
+            put(t, full, b.rule.tp)
         del full
     missing = sorted(set(params) - written)
     if missing:

@@ -67,6 +67,16 @@ class VocabPad(Transform):
     def to_hf(self, t, cfg):
         return [t[: cfg.vocab_size]]
 
+    @staticmethod
+    def fill_shard(w: torch.Tensor, dst: torch.Tensor, tp: int, rank: int) -> None:
+        """Write rank ``rank``'s rows of the padded tensor into ``dst`` without building the padded tensor."""
+        rows = dst.shape[0]
+        lo, hi = rank * rows, min((rank + 1) * rows, w.shape[0])
+        n = max(hi - lo, 0)
+        if n:
+            dst[:n].copy_(w[lo:hi])
+        dst[n:].zero_()
+
 
 class FusedQKV(Transform):
     """HF q [np*hn, ...], k [ng*hn, ...], v [ng*hn, ...] <-> megatron group-major [ng*(np/ng+2)*hn, ...].
