@@ -165,6 +165,7 @@ def _run_cli(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parallel
 def test_import_at_tp2_pp2_round_trips_through_tp1_export(tmp_path):
     """Import with 4 ranks (each writes only its tp/pp shard of the HF tensors into its megatron model), export
