@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -194,6 +195,7 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
     fwd_bwd = get_forward_backward_func()
     num_micro = t_cfg.global_batch_size // (t_cfg.micro_batch_size * dp)
     extra = {"model_config": asdict(mc), "dms_config": asdict(cfg.dms), "refit_config": cfg.to_dict()}
+    _carry_hf_metadata(res.init_checkpoint, ckpt_dir, extra)
     try:
         for step in range(start, t_cfg.steps):
             t0 = time.perf_counter()
@@ -259,6 +261,20 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
     if _rank() == 0:
         report = write_report(run_dir, cfg, res, student, teacher, valid_ds, logger, DMSRuntime)
     return report
+
+
+def _carry_hf_metadata(init_checkpoint: Path, ckpt_dir: Path, extra: dict) -> None:
+    """Keep what ``dms-convert export`` needs from an imported model: its HF config (ids, rope details) in every
+    student checkpoint's extra state, and its tokenizer / generation files (``hf_assets/``) beside the checkpoints."""
+    from dms_megatron.training.checkpointing import read_extra
+
+    init_extra = read_extra(init_checkpoint)
+    if "hf_config" in init_extra:
+        extra["hf_config"] = init_extra["hf_config"]
+    assets = Path(init_checkpoint) / "hf_assets"
+    if assets.is_dir() and _rank() == 0 and not (ckpt_dir / "hf_assets").exists():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(assets, ckpt_dir / "hf_assets")
 
 
 def _dp_mean(metrics: dict) -> dict:
