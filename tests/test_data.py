@@ -102,12 +102,13 @@ def test_recall_examples_state_each_answer_once(tok):
     toks, answers = a
     kv_end = 1 + 4 * 3
     for plen, ans in answers:
-        key = toks[plen - 2]
+        key = toks[plen - 1]
         pos = toks.index(key)  # the key's statement in the pair block
         assert pos < kv_end and toks[pos + 1:pos + 3] == ans and toks[kv_end:kv_end + len(filler)] == filler
         assert toks.count(key) == 2  # stated once, asked once
     item = task.eval_item(random.Random(4), filler)
-    assert item["prompt_ids"][-1] == task.a and len(item["answer_ids"]) == 2
+    assert item["prompt_ids"][-2] == task.q and item["prompt_ids"][-1] in task.keys
+    assert len(item["answer_ids"]) == 2
 
 
 def test_score_recall_exact_match(tmp_path):

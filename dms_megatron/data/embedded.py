@@ -23,7 +23,7 @@ import torch
 
 from dms_megatron.config import ModelConfig
 
-VERSION = "tiny-teacher-v1"
+VERSION = "tiny-teacher-v2"
 SEQ_LENGTH = 256
 VOCAB = 1024
 TINY_MODEL = ModelConfig(family="llama", num_layers=4, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6,
@@ -136,17 +136,29 @@ def _build(root: Path, r: BuildRecipe, quiet: bool) -> None:
     eval_task = RecallTask(tok, RecallSpec(num_pairs=6, value_len=2, num_queries=1))
 
     def filler(pool, n):
+        if n <= 0:
+            return []
         d = pool[rng.randrange(len(pool))]
         while len(d) < n + 1:
             d = pool[rng.randrange(len(pool))]
         i = rng.randrange(len(d) - n)
         return d[i:i + n]
 
-    def recall_docs(pool, count):
-        return [task.example(rng, filler(pool, rng.randint(r.filler_min, r.filler_max)))[0] for _ in range(count)]
+    # Every document is exactly SEQ_LENGTH tokens, so megatron's packed samples (stride SEQ_LENGTH) start at a
+    # document boundary and no recall example is cut between two training sequences.
+    def chunks(pool):
+        flat = [t for d in pool for t in d]
+        return [flat[i:i + SEQ_LENGTH] for i in range(0, len(flat) - SEQ_LENGTH, SEQ_LENGTH)]
 
-    train_docs = train_text + recall_docs(train_text, r.recall_docs_train)
-    valid_docs = valid_text + recall_docs(valid_text, r.recall_docs_valid)
+    def recall_docs(pool, count):
+        out = []
+        for _ in range(count):
+            toks = task.example(rng, filler(pool, rng.randint(r.filler_min, r.filler_max)))[0]
+            out.append(toks + filler(pool, SEQ_LENGTH - len(toks)))
+        return out
+
+    train_docs = chunks(train_text) + recall_docs(train_text, r.recall_docs_train)
+    valid_docs = chunks(valid_text) + recall_docs(valid_text, r.recall_docs_valid)
     rng.shuffle(train_docs)
     rng.shuffle(valid_docs)
     (root / "data").mkdir()
@@ -202,8 +214,11 @@ def _pretrain(root: Path, r: BuildRecipe, tok, quiet: bool) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if not quiet and (step % 50 == 0 or step == r.pretrain_steps - 1):
-                _log(quiet, f"step {step:4d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+            if not quiet and (step + 1) % 100 == 0:
+                model.eval()
+                acc = score_recall(greedy_predict_fn(model, vocab), root / "recall_eval.jsonl", limit=64)
+                model.train()
+                _log(quiet, f"step {step + 1:4d} loss {loss.item():.3f} recall@64 {acc:.2f} ({time.time() - t0:.0f}s)")
         model.eval()
         with torch.no_grad():
             vb = collate([valid[i] for i in range(64)])

@@ -1,8 +1,10 @@
 """Synthetic long-range recall: key -> value pairs stated early must be recalled after a long filler.
 
 Token layout of one example (all task symbols are single special tokens):
-  <|kv|> k_a v v  k_b v v  ... (pairs) | filler (plain text tokens) | <|q|> k_b <|a|> v v <|eos|>
+  <|kv|> k_a v v  k_b v v  ... (pairs) | filler (plain text tokens) | <|q|> k_b v v ... <|eos|>
 The pairs sit far more than a DMS window before the question, so a model that keeps only recent tokens fails.
+The answer directly follows the repeated key (an induction pattern: "what came after this key last time"), which a
+small model learns within a few hundred steps.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from dms_megatron.data.tokenizer import ANSWER, EOS, KV, NUM_KEYS, NUM_VALUES, QUERY
+from dms_megatron.data.tokenizer import EOS, KV, NUM_KEYS, NUM_VALUES, QUERY
 
 
 @dataclass
@@ -35,7 +37,7 @@ class RecallTask:
 
     def __init__(self, tok, spec: RecallSpec = RecallSpec()):
         self.spec = spec
-        self.kv, self.q, self.a, self.eos = _ids(tok, [KV, QUERY, ANSWER, EOS])
+        self.kv, self.q, self.eos = _ids(tok, [KV, QUERY, EOS])
         self.keys = _ids(tok, [f"<|k{i}|>" for i in range(NUM_KEYS)])
         self.values = _ids(tok, [f"<|v{i}|>" for i in range(NUM_VALUES)])
 
@@ -50,14 +52,14 @@ class RecallTask:
         toks += list(filler)
         answers = []
         for k in rng.sample(keys, min(s.num_queries, len(keys))):
-            toks += [self.q, k, self.a]
+            toks += [self.q, k]
             answers.append((len(toks), vals[k]))
             toks += vals[k]
         toks.append(self.eos)
         return toks, answers
 
     def eval_item(self, rng: random.Random, filler: Sequence[int]):
-        """One held-out question: {"prompt_ids": [...up to <|a|>], "answer_ids": [...]} (first query only)."""
+        """One held-out question: {"prompt_ids": [... <|q|> key], "answer_ids": [values]} (first query only)."""
         toks, answers = self.example(rng, filler)
         plen, ans = answers[0]
         return {"prompt_ids": toks[:plen], "answer_ids": ans}

@@ -7,13 +7,13 @@ from typing import Iterable, List
 
 EOS = "<|eos|>"
 PAD = "<|pad|>"
-KV, QUERY, ANSWER = "<|kv|>", "<|q|>", "<|a|>"
+KV, QUERY = "<|kv|>", "<|q|>"
 NUM_KEYS, NUM_VALUES = 16, 32
 
 
 def recall_special_tokens() -> List[str]:
     """Task tokens: markers, key symbols <|k0|>.. and value symbols <|v0|>.. (never produced from plain text)."""
-    return ([KV, QUERY, ANSWER] + [f"<|k{i}|>" for i in range(NUM_KEYS)]
+    return ([KV, QUERY] + [f"<|k{i}|>" for i in range(NUM_KEYS)]
             + [f"<|v{i}|>" for i in range(NUM_VALUES)])
 
 
