@@ -23,7 +23,7 @@ import torch
 
 from dms_megatron.config import ModelConfig
 
-VERSION = "tiny-teacher-v2"
+VERSION = "tiny-teacher-v3"
 SEQ_LENGTH = 256
 VOCAB = 1024
 TINY_MODEL = ModelConfig(family="llama", num_layers=4, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6,
@@ -40,6 +40,8 @@ class BuildRecipe:
     eval_filler: int = 120
     filler_min: int = 40
     filler_max: int = 160
+    prefix_max: int = 60
+    eval_prefix: int = 30
     pretrain_steps: int = 700
     batch_size: int = 16
     lr: float = 2e-3
@@ -132,8 +134,11 @@ def _build(root: Path, r: BuildRecipe, quiet: bool) -> None:
     valid_text, train_text = docs[:n_valid_text], docs[n_valid_text:]
     _log(quiet, f"tokenizer + corpus: {sum(map(len, docs))} tokens in {len(docs)} chunks ({time.time() - t0:.0f}s)")
 
-    task = RecallTask(tok, RecallSpec(num_pairs=6, value_len=2, num_queries=4))
-    eval_task = RecallTask(tok, RecallSpec(num_pairs=6, value_len=2, num_queries=1))
+    # One key/value statement (3 value tokens: 32**3 possible answers) at a random offset, recalled after a
+    # long filler: small enough for a 4-layer model to learn in minutes, and the student must keep exactly the
+    # statement's tokens through the filler (a 16-token window or "keep the first tokens" cannot answer).
+    spec = RecallSpec(num_pairs=1, value_len=3, num_queries=1)
+    task = eval_task = RecallTask(tok, spec)
 
     def filler(pool, n):
         if n <= 0:
@@ -153,7 +158,8 @@ def _build(root: Path, r: BuildRecipe, quiet: bool) -> None:
     def recall_docs(pool, count):
         out = []
         for _ in range(count):
-            toks = task.example(rng, filler(pool, rng.randint(r.filler_min, r.filler_max)))[0]
+            toks = task.example(rng, filler(pool, rng.randint(r.filler_min, r.filler_max)),
+                                filler(pool, rng.randint(0, r.prefix_max)))[0]
             out.append(toks + filler(pool, SEQ_LENGTH - len(toks)))
         return out
 
@@ -165,7 +171,8 @@ def _build(root: Path, r: BuildRecipe, quiet: bool) -> None:
     write_indexed(root / "data" / "train", train_docs, len(tok))
     write_indexed(root / "data" / "valid", valid_docs, len(tok))
     write_eval(root / "recall_eval.jsonl",
-               [eval_task.eval_item(rng, filler(valid_text, r.eval_filler)) for _ in range(r.eval_items)])
+               [eval_task.eval_item(rng, filler(valid_text, r.eval_filler), filler(valid_text, r.eval_prefix))
+                for _ in range(r.eval_items)])
     info = {"version": VERSION, "model_config": asdict(TINY_MODEL), "seq_length": SEQ_LENGTH,
             "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id, "recipe": asdict(r),
             "train_tokens": sum(map(len, train_docs)), "vocab_used": len(tok)}

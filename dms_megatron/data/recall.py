@@ -41,12 +41,15 @@ class RecallTask:
         self.keys = _ids(tok, [f"<|k{i}|>" for i in range(NUM_KEYS)])
         self.values = _ids(tok, [f"<|v{i}|>" for i in range(NUM_VALUES)])
 
-    def example(self, rng: random.Random, filler: Sequence[int]):
-        """Returns (tokens of the whole example incl. answers and EOS, list of (prompt_len, answer ids))."""
+    def example(self, rng: random.Random, filler: Sequence[int], prefix: Sequence[int] = ()):
+        """Returns (tokens of the whole example incl. answers and EOS, list of (prompt_len, answer ids)).
+
+        ``prefix`` (plain text) goes before the pair block, so the pairs are not at a fixed position (attention
+        sinks / "keep the first tokens" policies get no free answer)."""
         s = self.spec
         keys = rng.sample(self.keys, s.num_pairs)
         vals = {k: [rng.choice(self.values) for _ in range(s.value_len)] for k in keys}
-        toks = [self.kv]
+        toks = list(prefix) + [self.kv]
         for k in keys:
             toks += [k] + vals[k]
         toks += list(filler)
@@ -58,9 +61,9 @@ class RecallTask:
         toks.append(self.eos)
         return toks, answers
 
-    def eval_item(self, rng: random.Random, filler: Sequence[int]):
+    def eval_item(self, rng: random.Random, filler: Sequence[int], prefix: Sequence[int] = ()):
         """One held-out question: {"prompt_ids": [... <|q|> key], "answer_ids": [values]} (first query only)."""
-        toks, answers = self.example(rng, filler)
+        toks, answers = self.example(rng, filler, prefix)
         plen, ans = answers[0]
         return {"prompt_ids": toks[:plen], "answer_ids": ans}
 
