@@ -1,0 +1,58 @@
+"""Load a ``DecoderModel`` from a Hugging Face directory (plain or official DMS format) or from a megatron state
+dict (converted to HF names in memory by the conversion mappings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from dms_megatron.config import DMSConfig, ModelConfig
+from dms_megatron.inference.model import DecoderModel, ModelLoadError
+
+
+def load_hf(directory, *, require_dms: bool = False, dtype: torch.dtype = torch.float32) -> DecoderModel:
+    """A model from ``config.json`` + safetensors. The DMS settings come from the official dms_* keys
+    (dms_window_size, dms_alpha_scale, dms_initial_alpha_offset, dms_separate_alpha, dms_alpha_per, ...); a
+    directory without them is a plain model, and ``require_dms`` turns that into an error."""
+    from dms_megatron.convert.cli import read_hf_model
+    from dms_megatron.convert.hf_io import ConversionError
+    from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES
+
+    directory = Path(directory)
+    try:
+        _, mc, dms, _, reader, _ = read_hf_model(directory)
+    except ConversionError as e:
+        raise ModelLoadError(str(e)) from None
+    if require_dms and dms is None:
+        raise ModelLoadError(f"{directory / 'config.json'} has no dms_window_size: not a DMS checkpoint; convert a "
+                             f"re-fitted student with 'dms-convert export --format dms' or run it with press vanilla")
+    sd = {n: reader.get(n) for n in reader.names() if not n.endswith(IGNORED_HF_SUFFIXES)}
+    return DecoderModel(mc, sd, dms, dtype=dtype, source=str(directory))
+
+
+def megatron_to_hf_state_dict(sd: Dict[str, torch.Tensor], mc: ModelConfig,
+                              dms: Optional[DMSConfig]) -> Dict[str, torch.Tensor]:
+    """A full (tp=1, pp=1) megatron GPTModel state dict -> HF names (vocab padding removed)."""
+    from dms_megatron.convert import family_by_name
+    from dms_megatron.convert.mapping import ExportProducer, bind_rules
+
+    adapter = dms is not None and dms.alpha_source == "adapter"
+    te = any(k.endswith("linear_qkv.layer_norm_weight") for k in sd)
+    bound = bind_rules(family_by_name(mc.family).rules, mc, adapter=adapter, te=te)
+    missing = [b.megatron for b in bound if b.megatron not in sd]
+    if missing:
+        hint = " (not a DMS adapter checkpoint)" if "dms_alpha" in missing[0] else ""
+        raise ModelLoadError(f"megatron tensor {missing[0]!r} is missing ({len(missing)} missing){hint}")
+    produce = ExportProducer(bound, lambda name: sd[name].detach(), mc)
+    return {n: produce(n) for b in bound for n in b.hf}
+
+
+def from_megatron(sd: Dict[str, torch.Tensor], mc: ModelConfig, dms: Optional[DMSConfig],
+                  dtype: torch.dtype = torch.float32) -> DecoderModel:
+    sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+    return DecoderModel(mc, megatron_to_hf_state_dict(sd, mc, dms), dms, dtype=dtype, source="megatron state dict")
+
+
+__all__ = ["load_hf", "megatron_to_hf_state_dict", "from_megatron"]

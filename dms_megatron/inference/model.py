@@ -1,0 +1,206 @@
+"""A compact pure-torch decoder (Llama / Qwen2 / Qwen3) that runs from a Hugging-Face-named state dict.
+
+The model does not own a KV cache: ``forward`` calls ``attend(layer, q, k, v, decisions)`` for every layer, so the
+engine (``engine.py``) decides which keys each query sees (vanilla cache, DMS delayed eviction, baselines).
+
+Notation: b batch, s new tokens, h hidden, np query heads, ng KV heads, g = np // ng, hn head dim.
+Query heads are group-major: query head j belongs to KV head j // g.
+
+DMS decisions (``dms`` set and not ``teacher_mode``), one logit per (token, KV head), > 0 = evict the previous token:
+  qneuron: q_norm(q)[first head of each group, -1] * alpha_scale - alpha_offset, that neuron zeroed before and
+           after RoPE (it carries no attention signal);
+  adapter: Linear(RMSNorm(pre-norm residual)) * alpha_scale - alpha_offset with tensors
+           model.layers.{i}.self_attn.dms_proj_alpha_norm.weight [h] and .dms_proj_alpha.weight [ng, h].
+  alpha_per="layer": KV head 0's logit applies to every head of the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from dms_megatron.config import DMSConfig, ModelConfig
+from dms_megatron.core.gating import apply_alpha_per, qneuron_decision_logits, zero_borrowed_neuron
+
+# megatron-core's built-in Llama-3 RoPE constants (only the factor is configurable).
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+LLAMA3_HIGH_FREQ_FACTOR = 4.0
+LLAMA3_ORIGINAL_MAX_POSITIONS = 8192
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+class ModelLoadError(ValueError):
+    """A state dict or checkpoint does not match the model configuration (the message names tensor and fix)."""
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """[..., d] -> [..., d]; fp32 statistics like Hugging Face's Llama/Qwen RMSNorm."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[hn // 2] float64 inverse frequencies, with Llama-3 scaling when cfg.rope_scaling == "llama3"."""
+    hn = cfg.kv_channels
+    inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, hn, 2, dtype=torch.float64) / hn))
+    if cfg.rope_scaling != "llama3":
+        return inv
+    factor = cfg.rope_scaling_factor
+    low_wavelen = LLAMA3_ORIGINAL_MAX_POSITIONS / LLAMA3_LOW_FREQ_FACTOR
+    high_wavelen = LLAMA3_ORIGINAL_MAX_POSITIONS / LLAMA3_HIGH_FREQ_FACTOR
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (LLAMA3_ORIGINAL_MAX_POSITIONS / wavelen - LLAMA3_LOW_FREQ_FACTOR) / (
+        LLAMA3_HIGH_FREQ_FACTOR - LLAMA3_LOW_FREQ_FACTOR)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x [b, heads, s, hn], positions [b, s] int -> [b, heads, s, hn]."""
+    ang = positions.to(torch.float64)[..., None] * inv_freq  # [b, s, hn/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[:, None]  # [b, 1, s, hn]
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[:, None]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+def expected_tensors(cfg: ModelConfig, dms: Optional[DMSConfig]) -> Dict[str, tuple]:
+    """HF tensor name -> shape for ``cfg`` (with the DMS adapter tensors when dms.alpha_source == "adapter")."""
+    h, hn, np_, ng, f = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups, \
+        cfg.ffn_hidden_size
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                    p + "self_attn.q_proj.weight": (np_ * hn, h), p + "self_attn.k_proj.weight": (ng * hn, h),
+                    p + "self_attn.v_proj.weight": (ng * hn, h), p + "self_attn.o_proj.weight": (h, np_ * hn),
+                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                    p + "mlp.down_proj.weight": (h, f)})
+        if cfg.add_qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (np_ * hn,), p + "self_attn.k_proj.bias": (ng * hn,),
+                        p + "self_attn.v_proj.bias": (ng * hn,)})
+        if cfg.qk_layernorm:
+            out.update({p + "self_attn.q_norm.weight": (hn,), p + "self_attn.k_norm.weight": (hn,)})
+        if dms is not None and dms.alpha_source == "adapter":
+            out.update({p + "self_attn.dms_proj_alpha_norm.weight": (h,), p + "self_attn.dms_proj_alpha.weight": (ng, h)})
+    return out
+
+
+class DecoderModel(torch.nn.Module):
+    """Llama/Qwen2/Qwen3 decoder over HF tensor names; ``dms`` adds eviction decisions (None: the plain model)."""
+
+    def __init__(self, cfg: ModelConfig, state_dict: Dict[str, torch.Tensor], dms: Optional[DMSConfig] = None,
+                 dtype: torch.dtype = torch.float32, source: str = "state dict") -> None:
+        super().__init__()
+        self.cfg, self.dms, self.dtype = cfg, dms, dtype
+        want = expected_tensors(cfg, dms)
+        sd = {k: v for k, v in state_dict.items() if not k.endswith(".rotary_emb.inv_freq")}
+        if cfg.tie_embeddings and "lm_head.weight" in sd:
+            sd.pop("lm_head.weight")
+        missing = [n for n in want if n not in sd]
+        if missing:
+            hint = ("the checkpoint has no DMS adapter: load it with its own DMS settings or as a plain model"
+                    if "dms_proj_alpha" in missing[0] else "the checkpoint does not match its configuration")
+            raise ModelLoadError(f"tensor {missing[0]!r} is missing from {source} ({len(missing)} missing): {hint}")
+        extra = [n for n in sd if n not in want]
+        if extra:
+            hint = (" (a DMS adapter checkpoint: pass its DMS config)" if "dms_proj_alpha" in extra[0] else "")
+            raise ModelLoadError(f"unexpected tensor {extra[0]!r} in {source} ({len(extra)} unexpected){hint}")
+        for n, shape in want.items():
+            if tuple(sd[n].shape) != shape:
+                raise ModelLoadError(f"tensor {n!r} in {source} has shape {list(sd[n].shape)}, expected {list(shape)}")
+        self.w = {n: sd[n].detach().to(dtype).clone() for n in want}
+        self.inv_freq = rope_inv_freq(cfg)
+        self.decides = dms is not None and not dms.teacher_mode
+
+    # ---- pieces the engine calls -------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [b, s] -> hidden [b, s, h]."""
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got [{int(ids.min())}, "
+                             f"{int(ids.max())}]")
+        return F.embedding(ids, self.w["model.embed_tokens.weight"])
+
+    def attention_inputs(self, i: int, x: torch.Tensor, positions: torch.Tensor):
+        """Layer i, x [b, s, h] (pre-norm residual), positions [b, s] ->
+        q [b, np, s, hn], k [b, ng, s, hn] (RoPE applied), v [b, ng, s, hn], decisions [b, ng, s] or None."""
+        cfg, w, p = self.cfg, self.w, f"model.layers.{i}."
+        b, s, _ = x.shape
+        np_, ng, hn = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+        xn = rms_norm(x, w[p + "input_layernorm.weight"], cfg.norm_epsilon)
+        q = F.linear(xn, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
+        k = F.linear(xn, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
+        v = F.linear(xn, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
+        q = q.view(b, s, np_, hn)  # [b, s, np, hn]
+        k = k.view(b, s, ng, hn)
+        v = v.view(b, s, ng, hn).transpose(1, 2)  # [b, ng, s, hn]
+        if cfg.qk_layernorm:
+            q = rms_norm(q, w[p + "self_attn.q_norm.weight"], cfg.norm_epsilon)
+            k = rms_norm(k, w[p + "self_attn.k_norm.weight"], cfg.norm_epsilon)
+        decisions = None
+        if self.decides:
+            d = self.dms
+            if d.alpha_source == "qneuron":
+                decisions = qneuron_decision_logits(q, ng, d.alpha_scale, d.alpha_offset)  # [b, s, ng]
+                q = zero_borrowed_neuron(q, ng)
+            else:
+                a = rms_norm(x, w[p + "self_attn.dms_proj_alpha_norm.weight"], cfg.norm_epsilon)
+                decisions = F.linear(a, w[p + "self_attn.dms_proj_alpha.weight"]) * d.alpha_scale - d.alpha_offset
+            decisions = apply_alpha_per(decisions, d.alpha_per).transpose(1, 2).contiguous()  # [b, ng, s]
+        q = apply_rope(q.transpose(1, 2), positions, self.inv_freq)  # [b, np, s, hn]
+        k = apply_rope(k.transpose(1, 2), positions, self.inv_freq)  # [b, ng, s, hn]
+        if self.decides and self.dms.alpha_source == "qneuron":
+            q = zero_borrowed_neuron(q.transpose(1, 2), ng).transpose(1, 2)  # RoPE mixed the neuron back in
+        return q, k, v, decisions
+
+    def layer_output(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x [b, s, h] residual, attn [b, np, s, hn] -> next residual [b, s, h]."""
+        cfg, w, p = self.cfg, self.w, f"model.layers.{i}."
+        b, np_, s, hn = attn.shape
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, s, np_ * hn), w[p + "self_attn.o_proj.weight"])
+        y = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.norm_epsilon)
+        y = F.silu(F.linear(y, w[p + "mlp.gate_proj.weight"])) * F.linear(y, w[p + "mlp.up_proj.weight"])
+        return x + F.linear(y, w[p + "mlp.down_proj.weight"])
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, s, h] -> logits [b, s, vocab]."""
+        x = rms_norm(x, self.w["model.norm.weight"], self.cfg.norm_epsilon)
+        out = self.w["model.embed_tokens.weight"] if self.cfg.tie_embeddings else self.w["lm_head.weight"]
+        return F.linear(x, out)
+
+    @property
+    def softmax_scale(self) -> float:
+        return 1.0 / math.sqrt(self.cfg.kv_channels)
+
+    # ---- full-sequence forward ---------------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                attend: Optional[AttendFn] = None) -> torch.Tensor:
+        """ids [b, s] -> logits [b, s, vocab]. ``attend(layer, q, k, v, decisions) -> [b, np, s, hn]`` defaults to
+        causal attention over the s tokens (decisions ignored)."""
+        b, s = ids.shape
+        if positions is None:
+            positions = torch.arange(s).expand(b, s)
+        attend = attend or self.causal_attend
+        x = self.embed(ids).to(self.dtype)
+        for i in range(self.cfg.num_layers):
+            q, k, v, dec = self.attention_inputs(i, x, positions)
+            x = self.layer_output(i, x, attend(i, q, k, v, dec))
+        return self.head(x)
+
+    def causal_attend(self, i, q, k, v, decisions=None):
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                              is_causal=True, scale=self.softmax_scale)
+
+
+__all__ = ["DecoderModel", "ModelLoadError", "rms_norm", "rope_inv_freq", "apply_rope", "expected_tensors"]
