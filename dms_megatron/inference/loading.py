@@ -55,4 +55,39 @@ def from_megatron(sd: Dict[str, torch.Tensor], mc: ModelConfig, dms: Optional[DM
     return DecoderModel(mc, megatron_to_hf_state_dict(sd, mc, dms), dms, dtype=dtype, source="megatron state dict")
 
 
-__all__ = ["load_hf", "megatron_to_hf_state_dict", "from_megatron"]
+
+
+
+def load_megatron(path, *, iteration: Optional[int] = None, require_dms: bool = False,
+                  dtype: torch.dtype = torch.float32) -> DecoderModel:
+    """A model from a megatron checkpoint written by dms-convert import or dms-refit (loaded at tp=1, pp=1 in this
+    process, then renamed to HF names in memory)."""
+    from dms_megatron.convert.cli import read_checkpoint_configs
+    from dms_megatron.convert.hf_io import ConversionError
+    from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
+    from dms_megatron.megatron.model import build_gpt_model, transformer_config
+    from dms_megatron.training.checkpointing import CheckpointError, load_model_weights
+
+    try:
+        mc, dms, _ = read_checkpoint_configs(path, iteration)
+    except ConversionError as e:
+        raise ModelLoadError(str(e)) from None
+    if require_dms and dms is None:
+        raise ModelLoadError(f"{path}: the checkpoint records no dms_config: not a DMS checkpoint (a plain model); "
+                             f"run it with press vanilla or re-fit it with dms-refit first")
+    owned = not torch.distributed.is_initialized()
+    if owned:
+        init_process_groups(1, 1)
+    try:
+        model = build_gpt_model(mc, dms, seq_length=mc.max_position_embeddings,
+                                config=transformer_config(mc, perform_initialization=False))
+        try:
+            load_model_weights(path, model, iteration)
+        except CheckpointError as e:
+            raise ModelLoadError(str(e)) from None
+        sd = dict(model.state_dict())
+    finally:
+        if owned:
+            destroy_process_groups()
+    return from_megatron(sd, mc, dms, dtype=dtype)
+__all__ = ["load_hf", "load_megatron", "megatron_to_hf_state_dict", "from_megatron"]
