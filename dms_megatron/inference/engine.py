@@ -31,7 +31,7 @@ NO_WINDOW = 1 << 62  # visibility window when no token is ever flagged
 @dataclass
 class SequenceMetrics:
     prompt_tokens: int = 0
-    generated_tokens: int = 0
+    decoded_tokens: int = 0        # tokens fed through decode (the last sampled token is not fed)
     resident: int = 0              # tokens held now (layers x KV heads)
     peak_resident: int = 0
     kv_reads: int = 0              # decode only
@@ -40,7 +40,7 @@ class SequenceMetrics:
     decode_s: float = 0.0
 
     def vanilla_resident(self, layers: int, kv_heads: int) -> int:
-        return layers * kv_heads * (self.prompt_tokens + self.generated_tokens)
+        return layers * kv_heads * (self.prompt_tokens + self.decoded_tokens)
 
     @property
     def cr_reads(self) -> float:
@@ -155,7 +155,7 @@ class Engine:
         logits = self._step(session, rows_t, tok[:, None], decode=True)[:, 0]
         dt = time.perf_counter() - t0
         for r in rows_t.tolist():
-            session.metrics[r].generated_tokens += 1
+            session.metrics[r].decoded_tokens += 1
             session.metrics[r].decode_s += dt
         return logits
 
@@ -201,7 +201,7 @@ class Engine:
         for m in session.metrics:
             van = m.vanilla_resident(cfg.num_layers, cfg.num_query_groups)
             rows.append({"press": self.press.name, "prompt_tokens": m.prompt_tokens,
-                         "generated_tokens": m.generated_tokens, "resident": m.resident,
+                         "decoded_tokens": m.decoded_tokens, "resident": m.resident,
                          "vanilla_resident": van, "peak_resident": m.peak_resident,
                          "cr_final": van / m.resident if m.resident else float("nan"),
                          "kv_reads": m.kv_reads, "vanilla_reads": m.vanilla_reads, "cr_reads": m.cr_reads,
