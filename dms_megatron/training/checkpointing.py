@@ -144,14 +144,18 @@ def read_extra(load_dir, iteration: Optional[int] = None) -> dict:
 def _load(d: Path, state: dict, strict: bool) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
     try:
         return dist_checkpointing.load(state, str(d),
                                        strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_ALL)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot load {d}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    except (Exception, DCPException) as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch wraps the per-rank failure in a traceback dump: its last line is the actual reason
+        msg = lines[-1] if isinstance(e, DCPException) and lines else " ".join(lines)
+        raise CheckpointError(f"cannot load {d}: {type(e).__name__}: {msg[:400]}") from e
 
 
 def _apply_model(model, loaded_model: dict, strict: bool):
@@ -169,7 +173,11 @@ def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: 
     common = _common(d)
     state = {"model": _model_sharded_sd(model)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
+        # A checkpoint saved before the first optimizer step holds no moments: load it into an empty state.
+        from megatron.core import dist_checkpointing
+
+        has_state = any(k.startswith("optimizer.state.") for k in dist_checkpointing.load_tensors_metadata(str(d)))
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=has_state)
     loaded = _load(d, state, strict)
     _apply_model(model, loaded["model"], strict)
     if optimizer is not None:
@@ -199,6 +207,7 @@ def load_model_weights(load_dir, model, iteration: Optional[int] = None, allow_m
     initial values. Returns the list of such parameter names.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     d, _ = resolve_checkpoint(load_dir, iteration)
     chunks = _unwrap(model)
@@ -207,12 +216,22 @@ def load_model_weights(load_dir, model, iteration: Optional[int] = None, allow_m
     m = chunks[0]
     sharded = m.sharded_state_dict()
     in_ckpt = set(dist_checkpointing.load_tensors_metadata(str(d)).keys())
-    skipped = []
+    skipped, absent = [], []
     for name in list(sharded):
+        is_tensor = isinstance(sharded[name], ShardedTensor)
         key = getattr(sharded[name], "key", None)
-        if key is not None and key not in in_ckpt and any(a in name for a in allow_missing):
-            skipped.append(name)
+        if key in in_ckpt:
+            continue
+        if any(a in name for a in allow_missing):
+            if is_tensor:
+                skipped.append(name)
             del sharded[name]
+        elif is_tensor:  # extra-state objects are not in the tensor metadata; the strict load below checks them
+            absent.append(key)
+    absent = sorted(set(absent))
+    if absent:
+        raise CheckpointError(f"{d} lacks model tensors {absent[:4]}{' ...' if len(absent) > 4 else ''} "
+                              f"({len(absent)} in all): wrong architecture/DMS variant, or pass allow_missing")
     loaded = _load(d, {"model": sharded}, strict=True)["model"]
     missing, unexpected = m.load_state_dict(loaded, strict=False)
     bad_missing = [k for k in missing if not any(a in k for a in allow_missing) and not k.endswith("_extra_state")]

@@ -118,10 +118,6 @@ def _batches(dataset, step: int, gbs: int, mbs: int, dp_rank: int, dp: int):
 def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
     """Train, checkpoint and report. Returns the report dict (rank 0) or {}."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from dms_megatron.data.indexed import build_gpt_datasets
@@ -132,6 +128,7 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
     from dms_megatron.training.checkpointing import latest_iteration, load_checkpoint, load_model_weights, \
         save_checkpoint
     from dms_megatron.training.logger import MetricsLogger
+    from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
     from dms_megatron.training.report import write_report
 
     run_dir = Path(run_dir)
@@ -162,22 +159,9 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
             raise ConfigError("train.mode=adapter trains only the DMS adapter: set dms.alpha_source=adapter")
         for n, p in student.named_parameters():
             p.requires_grad_("dms_alpha" in n)
-    ddp = DistributedDataParallel(
-        student.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                      use_distributed_optimizer=False), student)
-    student.config.finalize_model_grads_func = finalize_model_grads
-    student.config.no_sync_func = ddp.no_sync
-    opt_cfg = OptimizerConfig(optimizer="adam", lr=t_cfg.lr, min_lr=t_cfg.min_lr, weight_decay=t_cfg.weight_decay,
-                              adam_beta1=t_cfg.adam_beta1, adam_beta2=t_cfg.adam_beta2, clip_grad=t_cfg.clip_grad,
-                              params_dtype=torch.float32, use_distributed_optimizer=False)
-    with cuda_to_cpu_mode():
-        optimizer = get_megatron_optimizer(opt_cfg, [ddp])
-    decay_steps = max(1, t_cfg.steps - t_cfg.warmup_steps)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t_cfg.lr, min_lr=t_cfg.min_lr, lr_warmup_steps=t_cfg.warmup_steps,
-        lr_decay_steps=t_cfg.warmup_steps + decay_steps, lr_decay_style=t_cfg.lr_decay_style,
-        start_wd=t_cfg.weight_decay, end_wd=t_cfg.weight_decay, wd_incr_steps=t_cfg.steps,
-        wd_incr_style="constant")
+    ddp = wrap_ddp(student)
+    optimizer = build_optimizer(ddp, t_cfg)
+    scheduler = build_scheduler(optimizer, t_cfg)
 
     ckpt_dir = run_dir / "checkpoints"
     start = 0

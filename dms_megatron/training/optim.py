@@ -1,0 +1,51 @@
+"""Student wrapping and optimisation objects: megatron DDP, megatron optimizer (Adam/AdamW), LR schedule."""
+
+from __future__ import annotations
+
+import torch
+
+
+def wrap_ddp(model):
+    """megatron-core DistributedDataParallel around ``model`` (fp32 grad buffers, no overlap; works on gloo/CPU).
+
+    Also installs the grad-finalisation and no-sync hooks the forward-backward schedules call.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, \
+        finalize_model_grads
+
+    ddp = DistributedDataParallel(
+        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                    use_distributed_optimizer=False), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(ddp, t_cfg):
+    """megatron's optimizer over the trainable parameters of ``ddp`` (Adam with decoupled weight decay = AdamW;
+    gradient clipping at ``t_cfg.clip_grad``)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from dms_megatron.megatron.compat import cuda_to_cpu_mode
+
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=t_cfg.lr, min_lr=t_cfg.min_lr, weight_decay=t_cfg.weight_decay,
+                              adam_beta1=t_cfg.adam_beta1, adam_beta2=t_cfg.adam_beta2, clip_grad=t_cfg.clip_grad,
+                              params_dtype=torch.float32, use_distributed_optimizer=False)
+    with cuda_to_cpu_mode():
+        return get_megatron_optimizer(opt_cfg, [ddp])
+
+
+def build_scheduler(optimizer, t_cfg):
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``lr_decay_style`` decay to ``min_lr`` at
+    ``steps``. Stepped once per optimizer step."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = max(1, t_cfg.steps - t_cfg.warmup_steps)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t_cfg.lr, min_lr=t_cfg.min_lr, lr_warmup_steps=t_cfg.warmup_steps,
+        lr_decay_steps=t_cfg.warmup_steps + decay_steps, lr_decay_style=t_cfg.lr_decay_style,
+        start_wd=t_cfg.weight_decay, end_wd=t_cfg.weight_decay, wd_incr_steps=t_cfg.steps,
+        wd_incr_style="constant")
+
+
+__all__ = ["wrap_ddp", "build_optimizer", "build_scheduler"]
