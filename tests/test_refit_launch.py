@@ -1,0 +1,88 @@
+"""The Hydra launcher `dms-refit`: overrides reach the worker, run-dir outputs, multirun, one-line config errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from refit_fixtures import build_assets
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_STEPS = 2
+SWEEP_CRS = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, megatron_single):
+    return build_assets(tmp_path_factory.mktemp("launch-assets"))
+
+
+def _overrides(assets, steps=LAUNCH_STEPS):
+    model = [f"model.{k}={v}" for k, v in assets["model"].items() if v is not None]
+    return model + [
+        "embedded=false", f"train.init_checkpoint={assets['teacher']}", f"data.train_prefix={assets['train']}",
+        f"data.valid_prefix={assets['valid']}", f"data.tokenizer={assets['tokenizer']}",
+        f"data.recall_eval={assets['recall']}", f"train.steps={steps}", "train.seq_length=64",
+        "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_batches=1",
+        "train.recall_eval_limit=2", "train.warmup_steps=1", "logging.progress=false", "logging.wandb=false",
+    ]
+
+
+def _launch(args, timeout=600):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, "-m", "dms_megatron.launch.refit", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_overrides_reach_the_run_and_outputs_land_in_run_dir(assets, tmp_path):
+    run = tmp_path / "run"
+    r = _launch(_overrides(assets) + ["dms.final_cr=3", "dms.window=8", "dms.final_step=2",
+                                      "train.save_interval=1", f"hydra.run.dir={run}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["dms"]["final_cr"] == 3 and cfg["dms"]["window"] == 8 and cfg["train"]["steps"] == LAUNCH_STEPS
+    assert "hydra" not in cfg
+    report = json.loads((run / "report.json").read_text())
+    for key in ("target_cr", "achieved_cr", "kl_to_teacher", "teacher_recall_acc", "student_recall_acc", "steps",
+                "tokens_per_s"):
+        assert key in report, key
+    assert report["target_cr"] == 3 and report["steps"] == LAUNCH_STEPS
+    ck = run / "checkpoints"
+    assert (ck / "latest_checkpointed_iteration.txt").read_text() == str(LAUNCH_STEPS)
+    assert (ck / "iter_0000001").is_dir() and (ck / "iter_0000002").is_dir()
+    assert (run / "refit.png").is_file()
+
+
+def test_multirun_sweeps_locally(assets, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _launch(["-m", f"dms.final_cr={','.join(map(str, SWEEP_CRS))}", f"hydra.sweep.dir={sweep}",
+                 "train.save_interval=100"] + _overrides(assets, steps=1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = sorted(sweep.glob("*/report.json"))
+    assert len(reports) == len(SWEEP_CRS)
+    assert sorted(json.loads(p.read_text())["target_cr"] for p in reports) == list(SWEEP_CRS)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("dms.final_cr=0.5", "dms.final_cr=0.5"),
+    ("dms.window=64", "dms.window=64 must be < train.seq_length=64"),
+    ("train.mode=lora", "train.mode"),
+])
+def test_bad_values_fail_in_one_line_before_training(assets, tmp_path, override, needle):
+    run = tmp_path / "run"
+    r = _launch(_overrides(assets) + [override, f"hydra.run.dir={run}"])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr[-2000:]
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_unknown_key_is_rejected_by_the_schema(tmp_path):
+    r = _launch(["dms.windw=8", f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
+    assert r.returncode != 0 and "windw" in r.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
