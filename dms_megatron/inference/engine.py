@@ -100,6 +100,7 @@ class Engine:
         positions = session.lengths[rows][:, None] + torch.arange(s)  # [n, S]
         newest = positions[:, -1]
         reads = torch.zeros(n, dtype=torch.long)
+        all_rows = n == session.batch and bool((rows == torch.arange(n)).all())
         x = model.embed(ids).to(model.dtype)
         for i, cache in enumerate(session.caches):
             q, k, v, dec = model.attention_inputs(i, x, positions)
@@ -107,7 +108,8 @@ class Engine:
             kv.insert(cache, rows, k, v, positions, flags)
             vis = kv.visible(cache, rows, positions, self.window)  # [n, ng, S, cap]
             read = press.read_mask(cache, rows, q, vis)
-            out, probs = _attend(q, cache.k[rows], cache.v[rows], read, model.softmax_scale)
+            ks, vs = (cache.k, cache.v) if all_rows else (cache.k[rows], cache.v[rows])  # no copy for the full batch
+            out, probs = _attend(q, ks, vs, read, model.softmax_scale)
             if decode:
                 reads += read.sum(dim=(1, 2, 3))
             press.after_attention(cache, rows, probs, newest)
