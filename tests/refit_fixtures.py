@@ -42,6 +42,16 @@ def build_assets(root: Path, init_std: float = 0.02) -> dict:
             "teacher": str(root / "teacher")}
 
 
+_CACHE: dict = {}
+
+
+def shared_assets(tmp_path_factory, init_std: float = 0.02) -> dict:
+    """``build_assets`` once per test session and teacher init std (building costs seconds of CPU)."""
+    if init_std not in _CACHE:
+        _CACHE[init_std] = build_assets(tmp_path_factory.mktemp(f"refit-assets-{init_std}"), init_std=init_std)
+    return _CACHE[init_std]
+
+
 def refit_dict(assets: dict, **train) -> dict:
     t = dict(mode="full", steps=6, micro_batch_size=2, global_batch_size=4, seq_length=SEQ, lr=3e-3, min_lr=3e-4,
              warmup_steps=1, save_interval=3, eval_batches=2, recall_eval_limit=8,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refit_fixtures import build_assets, refit_dict
+from refit_fixtures import refit_dict, shared_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E_STEPS = 30
@@ -21,7 +21,7 @@ TEACHER_INIT_STD = 0.1
 def assets(tmp_path_factory, megatron_single):
     # init std 0.1 (not 0.02): attention is peaked enough that evicting the wrong tokens costs KD, which is what
     # stops the one-sided compression loss from over-evicting (a near-uniform random teacher gives no pressure).
-    return build_assets(tmp_path_factory.mktemp("refit-assets"), init_std=TEACHER_INIT_STD)
+    return shared_assets(tmp_path_factory, init_std=TEACHER_INIT_STD)
 
 
 def _worker(run_dir: Path, cfg: dict, env_extra=None):

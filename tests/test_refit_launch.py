@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refit_fixtures import build_assets
+from refit_fixtures import shared_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_STEPS = 2
@@ -18,7 +18,7 @@ SWEEP_CRS = (2, 3)
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, megatron_single):
-    return build_assets(tmp_path_factory.mktemp("launch-assets"))
+    return shared_assets(tmp_path_factory)
 
 
 def _overrides(assets, steps=LAUNCH_STEPS):

@@ -224,13 +224,14 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
             if not math.isfinite(metrics["loss"]):
                 raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint "
                                        f"in {ckpt_dir} is kept")
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves it after)
             with cuda_to_cpu_mode():
                 ok, grad_norm, _ = optimizer.step()
             scheduler.step(1)
             dt = time.perf_counter() - t0
             metrics.update(step=step + 1, target_fraction=target, target_cr=1.0 / (1.0 - target),
                            achieved_cr_train=1.0 / max(1e-9, 1.0 - metrics["evicted_fraction"]),
-                           lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
+                           lr=lr, grad_norm=float(grad_norm or 0.0),
                            tokens_per_s=t_cfg.global_batch_size * t_cfg.seq_length / dt,
                            **{f"evicted_fraction/layer{k}": sum(v) / len(v) for k, v in sorted(layer_fracs.items())})
             logger.log(metrics)

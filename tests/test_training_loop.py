@@ -1,0 +1,122 @@
+"""The loop's logged numbers against independent re-computation: the step-1 loss (KL by hand + compression term on
+the same samples), the CR and LR schedules (hand formulas), and gradient accumulation (2 x 2 == 1 x 4)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from refit_fixtures import shared_assets, refit_dict
+
+STEPS = 4
+WARMUP = 1
+LR, MIN_LR = 1e-3, 1e-4
+INITIAL_CR, FINAL_CR, FINAL_STEP = 2.0, 4.0, 2
+COMP_WEIGHT = 3.0
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, megatron_single):
+    return shared_assets(tmp_path_factory)
+
+
+def _cfg(assets, **train):
+    from dms_megatron.training.config import RefitConfig
+
+    t = dict(steps=STEPS, warmup_steps=WARMUP, lr=LR, min_lr=MIN_LR, save_interval=100, eval_batches=1,
+             recall_eval_limit=1, compression_weight=COMP_WEIGHT)
+    t.update(train)
+    d = refit_dict(assets, **t)
+    d["dms"].update(initial_cr=INITIAL_CR, final_cr=FINAL_CR, final_step=FINAL_STEP)
+    return RefitConfig.from_dict(d)
+
+
+def _metrics(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _hand_kl(student_logits, teacher_logits, mask, direction):
+    """sum_v p(v) (log p(v) - log q(v)) per token, p = student for KL(student||teacher); mean over mask==1."""
+    ls = student_logits.double().log_softmax(-1)
+    lt = teacher_logits.double().log_softmax(-1)
+    p, lp, lq = (ls.exp(), ls, lt) if direction == "student_teacher" else (lt.exp(), lt, ls)
+    per_tok = (p * (lp - lq)).sum(-1)
+    return float((per_tok * mask).sum() / mask.sum())
+
+
+@pytest.mark.parametrize("direction", ["student_teacher", "teacher_student"])
+def test_first_step_loss_matches_hand_computation(assets, tmp_path, direction):
+    from dms_megatron.data.indexed import build_gpt_datasets, collate
+    from dms_megatron.megatron.model import build_gpt_model
+    from dms_megatron.megatron.runtime import DMSRuntime, attach_runtime
+    from dms_megatron.training.checkpointing import load_model_weights
+    from dms_megatron.training.loop import run_refit
+
+    cfg = _cfg(assets, kd_direction=direction)
+    run_refit(cfg, tmp_path)
+    logged = _metrics(tmp_path)[0]
+
+    t, mc = cfg.train, cfg.model
+    from dms_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(assets["tokenizer"])
+    train_ds, _ = build_gpt_datasets(assets["train"], assets["valid"], t.seq_length, t.seed,
+                                     t.steps * t.global_batch_size, t.eval_batches * t.micro_batch_size,
+                                     tok.eos_token_id, tok.pad_token_id or 0, mc.vocab_size,
+                                     cache_dir=str(tmp_path / "ref-cache"))
+    teacher = build_gpt_model(mc, None, seq_length=t.seq_length)
+    load_model_weights(assets["teacher"], teacher)
+    student = build_gpt_model(mc, cfg.dms, seq_length=t.seq_length)
+    load_model_weights(assets["teacher"], student)
+    target_frac = 1 - 1 / INITIAL_CR  # step 0 of the schedule
+    kds, comps = [], []
+    with torch.no_grad():
+        for first in range(0, t.global_batch_size, t.micro_batch_size):  # the first optimizer step's samples
+            ids = list(range(first, first + t.micro_batch_size))
+            b = collate([train_ds[i] for i in ids])
+            valid = (b["loss_mask"] > 0) | (b["tokens"] == tok.eos_token_id)
+            rt = DMSRuntime(mode="train", seed=t.seed, step=0, sample_ids=torch.tensor(ids), valid=valid)
+            attach_runtime(student, rt)
+            s = student(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
+            tl = teacher(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
+            kds.append(_hand_kl(s, tl, b["loss_mask"].double(), direction))
+            frac = torch.stack(list(rt.fractions.values())).mean(0)  # [b] mean over layers
+            comps.append(float(torch.clamp(target_frac - frac, min=0).mean()))
+    kd, comp = sum(kds) / len(kds), sum(comps) / len(comps)
+    assert logged["kd_loss"] == pytest.approx(kd, rel=1e-4, abs=1e-7)
+    assert logged["compression_loss"] == pytest.approx(comp, rel=1e-5, abs=1e-7)
+    assert logged["loss"] == pytest.approx(kd + COMP_WEIGHT * comp, rel=1e-4)
+    assert comp > 0  # the student starts far below the target eviction rate, so the term is active
+
+
+def test_logged_schedules_follow_hand_formulas(assets, tmp_path):
+    from dms_megatron.training.loop import run_refit
+
+    run_refit(_cfg(assets), tmp_path)
+    m = _metrics(tmp_path)
+    assert [x["step"] for x in m] == list(range(1, STEPS + 1))
+    for k, x in enumerate(m):  # k = optimizer steps done before this one
+        cr = INITIAL_CR + (FINAL_CR - INITIAL_CR) * min(k / FINAL_STEP, 1.0)
+        assert x["target_cr"] == pytest.approx(cr)
+        assert x["target_fraction"] == pytest.approx(1 - 1 / cr)
+        if k <= WARMUP:
+            lr = LR * k / WARMUP
+        else:
+            ratio = (k - WARMUP) / (STEPS - WARMUP)
+            lr = MIN_LR + 0.5 * (math.cos(math.pi * ratio) + 1) * (LR - MIN_LR)
+        assert x["lr"] == pytest.approx(lr, rel=1e-6, abs=1e-12), k
+        assert x["grad_norm"] > 0 and x["tokens_per_s"] > 0
+        layers = [x[f"evicted_fraction/layer{i}"] for i in (1, 2)]
+        assert x["evicted_fraction"] == pytest.approx(sum(layers) / 2, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_large_micro_batch(assets, tmp_path):
+    from dms_megatron.training.loop import run_refit
+
+    run_refit(_cfg(assets, steps=2, micro_batch_size=2, global_batch_size=4), tmp_path / "accum")
+    run_refit(_cfg(assets, steps=2, micro_batch_size=4, global_batch_size=4), tmp_path / "single")
+    a, b = _metrics(tmp_path / "accum"), _metrics(tmp_path / "single")
+    for x, y in zip(a, b):
+        for k in ("loss", "kd_loss", "compression_loss", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4), k
