@@ -23,7 +23,7 @@ import torch
 
 from dms_megatron.config import ModelConfig
 
-VERSION = "tiny-teacher-v3"
+VERSION = "tiny-teacher-v4"
 SEQ_LENGTH = 256
 VOCAB = 1024
 TINY_MODEL = ModelConfig(family="llama", num_layers=4, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6,
@@ -134,10 +134,10 @@ def _build(root: Path, r: BuildRecipe, quiet: bool) -> None:
     valid_text, train_text = docs[:n_valid_text], docs[n_valid_text:]
     _log(quiet, f"tokenizer + corpus: {sum(map(len, docs))} tokens in {len(docs)} chunks ({time.time() - t0:.0f}s)")
 
-    # One key/value statement (3 value tokens: 32**3 possible answers) at a random offset, recalled after a
-    # long filler: small enough for a 4-layer model to learn in minutes, and the student must keep exactly the
-    # statement's tokens through the filler (a 16-token window or "keep the first tokens" cannot answer).
-    spec = RecallSpec(num_pairs=1, value_len=3, num_queries=1)
+    # One statement "<|kv|> <|k0|> v" (a fixed marker key, one of 32 values) at a random offset, recalled after a
+    # long filler: a pattern a 4-layer model learns in minutes, and the student must keep exactly the statement's
+    # tokens through the filler (a 16-token window or "keep the first tokens" cannot answer; chance is 1/32).
+    spec = RecallSpec(num_pairs=1, value_len=1, num_queries=1, key_pool=1)
     task = eval_task = RecallTask(tok, spec)
 
     def filler(pool, n):

@@ -23,6 +23,7 @@ class RecallSpec:
     num_pairs: int = 4
     value_len: int = 2
     num_queries: int = 2
+    key_pool: int = 16  # keys are drawn from the first key_pool key symbols (1 = a fixed marker key)
 
 
 def _ids(tok, names: Sequence[str]) -> List[int]:
@@ -47,7 +48,7 @@ class RecallTask:
         ``prefix`` (plain text) goes before the pair block, so the pairs are not at a fixed position (attention
         sinks / "keep the first tokens" policies get no free answer)."""
         s = self.spec
-        keys = rng.sample(self.keys, s.num_pairs)
+        keys = rng.sample(self.keys[:s.key_pool], s.num_pairs)
         vals = {k: [rng.choice(self.values) for _ in range(s.value_len)] for k in keys}
         toks = list(prefix) + [self.kv]
         for k in keys:
