@@ -86,3 +86,24 @@ def test_unknown_key_is_rejected_by_the_schema(tmp_path):
     r = _launch(["dms.windw=8", f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
     assert r.returncode != 0 and "windw" in r.stderr
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+# Published architecture numbers (the models' HF config.json): layers, hidden, ffn, heads, kv heads, head dim, vocab.
+PRESETS = {
+    "llama3.2-1b": (16, 2048, 8192, 32, 8, 64, 128256),
+    "qwen-r1-1.5b": (28, 1536, 8960, 12, 2, 128, 151936),
+    "qwen-r1-7b": (28, 3584, 18944, 28, 4, 128, 152064),
+    "qwen-r1-32b": (64, 5120, 27648, 40, 8, 128, 152064),
+    "qwen3-8b": (36, 4096, 12288, 32, 8, 128, 151936),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_presets_are_valid_and_match_published_sizes(name):
+    from dms_megatron.config import ModelConfig, from_dict
+
+    mc = from_dict(ModelConfig, yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text()))
+    got = (mc.num_layers, mc.hidden_size, mc.ffn_hidden_size, mc.num_attention_heads, mc.num_query_groups,
+           mc.kv_channels, mc.vocab_size)
+    assert got == PRESETS[name]
+    assert mc.padded_vocab_size % 128 == 0

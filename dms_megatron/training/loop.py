@@ -132,6 +132,7 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
     from dms_megatron.training.report import write_report
 
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     t_cfg, p_cfg = cfg.train, cfg.parallel
     if p_cfg.tp != 1 or p_cfg.pp != 1:
         raise ConfigError(f"parallel.tp={p_cfg.tp} parallel.pp={p_cfg.pp}: this trainer runs tp=pp=1 (data "
