@@ -93,6 +93,10 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
     a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
     keys = ("loss", "kd_loss", "compression_loss", "evicted_fraction", "lr", "grad_norm")
     assert [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]
+    # the data position follows from step * global batch: a changed batch size is refused, not silently misread
+    cfg["train"]["global_batch_size"] = 2 * cfg["train"]["global_batch_size"]
+    changed = _worker(tmp_path / "killed", cfg)
+    assert changed.returncode == 2 and "resume with the original batch size" in changed.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):

@@ -107,3 +107,20 @@ def test_model_presets_are_valid_and_match_published_sizes(name):
            mc.kv_channels, mc.vocab_size)
     assert got == PRESETS[name]
     assert mc.padded_vocab_size % 128 == 0
+
+
+@pytest.mark.parallel
+def test_data_parallel_two_ranks_match_one_rank(assets, tmp_path):
+    """parallel=dp2 runs two gloo ranks through torchrun; same global batch -> same losses as one rank."""
+    common = _overrides(assets) + ["train.save_interval=100", "train.global_batch_size=4",
+                                   "train.micro_batch_size=2"]
+    one = _launch(common + [f"hydra.run.dir={tmp_path / 'dp1'}"])
+    two = _launch(common + ["parallel=dp2", f"hydra.run.dir={tmp_path / 'dp2'}"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = ([json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("dp1", "dp2"))
+    assert len(a) == len(b) == LAUNCH_STEPS
+    for x, y in zip(a, b):
+        for k in ("loss", "kd_loss", "compression_loss", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4), k

@@ -167,7 +167,14 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     start = 0
     if latest_iteration(ckpt_dir) is not None:
-        start, _ = load_checkpoint(ckpt_dir, ddp, optimizer, scheduler)
+        start, saved = load_checkpoint(ckpt_dir, ddp, optimizer, scheduler)
+        # data position: step s reads global samples [s * gbs, (s + 1) * gbs), so it follows from the step as
+        # long as the global batch size is unchanged
+        consumed = saved.get("consumed_samples", start * t_cfg.global_batch_size)
+        if consumed != start * t_cfg.global_batch_size:
+            raise ConfigError(f"{ckpt_dir} was written after {consumed} samples in {start} steps, but "
+                              f"train.global_batch_size={t_cfg.global_batch_size}: resume with the original batch "
+                              f"size or start a new run dir")
         if _rank() == 0:
             print(f"resumed from {ckpt_dir} at step {start}", flush=True)
 
@@ -239,7 +246,8 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
             if _fault(step + 1) == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if (step + 1) % t_cfg.save_interval == 0 or step + 1 == t_cfg.steps:
-                save_checkpoint(ckpt_dir, step + 1, ddp, optimizer, scheduler, extra=extra)
+                save_checkpoint(ckpt_dir, step + 1, ddp, optimizer, scheduler,
+                                extra=dict(extra, consumed_samples=(step + 1) * t_cfg.global_batch_size))
     finally:
         logger.close()
 
