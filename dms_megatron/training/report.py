@@ -24,7 +24,7 @@ def _plot(history: list, path: Path) -> None:
     b.plot(steps, [h["kd_loss"] for h in history], label="KD loss")
     b.plot(steps, [h["compression_loss"] for h in history], label="compression loss")
     b.set_xlabel("step")
-    b.set_yscale("log")
+    b.set_yscale("symlog", linthresh=1e-4)  # the compression loss is exactly 0 once the target is met
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
