@@ -21,8 +21,8 @@ def greedy_predict_fn(model, vocab_size: int, runtime=None) -> Callable[[List[Li
     """A batch greedy decoder over a megatron GPT model (tp=pp=1).
 
     Each step re-runs the whole prefix: with ``runtime.mode == "hard"`` the DMS model's full forward equals decoding
-    with physical eviction (tested), so the predictions are those of the evicted cache. Prompts of one batch must
-    have equal length (the recall evaluation set is built that way; others are decoded one by one).
+    with physical eviction (tested), so the predictions are those of the evicted cache. Prompts are batched by
+    equal length (up to 32 at a time; the recall evaluation set has one length).
     """
     from dms_megatron.megatron.runtime import attach_runtime
 
@@ -30,7 +30,6 @@ def greedy_predict_fn(model, vocab_size: int, runtime=None) -> Callable[[List[Li
         attach_runtime(model, runtime)
         was_training = model.training
         model.eval()
-        out: List[List[int]] = []
         groups = {}
         for i, p in enumerate(prompts):
             groups.setdefault(len(p), []).append(i)
@@ -47,8 +46,7 @@ def greedy_predict_fn(model, vocab_size: int, runtime=None) -> Callable[[List[Li
                     for j, i in enumerate(sel):
                         result[i] = toks[j, length:].tolist()
         model.train(was_training)
-        out = result
-        return out
+        return result
 
     return predict
 

@@ -65,11 +65,11 @@ class Resolved:
             self.valid_prefix = check_prefix(cfg.data.valid_prefix, "data.valid_prefix")
             self.tokenizer_dir = cfg.data.tokenizer
             self.recall_eval = cfg.data.recall_eval
-            tok = load_tokenizer(self.tokenizer_dir)
-            self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
             self.teacher_info = {}
         _check_same_arch(cfg.model, self.model_config, f"the teacher checkpoint {self.init_checkpoint}")
         tok = load_tokenizer(self.tokenizer_dir)
+        if not cfg.embedded:
+            self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
         if len(tok) > self.model_config.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(tok)} tokens but the model vocabulary is "
                               f"{self.model_config.vocab_size}: wrong tokenizer for this model")
