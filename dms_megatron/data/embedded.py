@@ -23,7 +23,7 @@ import torch
 
 from dms_megatron.config import ModelConfig
 
-VERSION = "tiny-teacher-v4"
+VERSION = "tiny-teacher-v5"
 SEQ_LENGTH = 256
 VOCAB = 1024
 TINY_MODEL = ModelConfig(family="llama", num_layers=4, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6,
@@ -47,6 +47,9 @@ class BuildRecipe:
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup: int = 30
+    answer_loss_weight: float = 32.0  # recall answers are ~1 token in 256: upweighted so the task is learned
+    warm_steps: int = 200  # curriculum: recall-only batches whose filler grows from warm_filler_start to filler_max
+    warm_filler_start: int = 4
     seed: int = 1234
 
 
@@ -177,14 +180,43 @@ def _build(root: Path, r: BuildRecipe, quiet: bool) -> None:
             "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id, "recipe": asdict(r),
             "train_tokens": sum(map(len, train_docs)), "vocab_used": len(tok)}
     _log(quiet, f"datasets written ({info['train_tokens']} train tokens, {time.time() - t0:.0f}s); pretraining")
-    info.update(_pretrain(root, r, tok, quiet))
+
+    def warm_batch(step):
+        # short distances first: the "find the value" attention gets a usable gradient only when it is among a few
+        # candidates; the filler then grows to the full range (plain long-filler pretraining plateaus at chance)
+        hi = r.warm_filler_start + (r.filler_max - r.warm_filler_start) * step // max(1, r.warm_steps)
+        docs = []
+        for _ in range(r.batch_size):
+            toks = task.example(rng, filler(train_text, rng.randint(0, hi)),
+                                filler(train_text, rng.randint(0, r.prefix_max)))[0]
+            docs.append(toks + filler(train_text, SEQ_LENGTH + 1 - len(toks)))
+        d = torch.tensor(docs)
+        labels = d[:, 1:]
+        mask = ((labels != tok.eos_token_id) & (labels != tok.pad_token_id)).float()
+        return {"tokens": d[:, :-1], "labels": labels, "loss_mask": mask,
+                "position_ids": torch.arange(SEQ_LENGTH).expand(r.batch_size, -1)}
+
+    info.update(_pretrain(root, r, tok, task, warm_batch, quiet))
     info["build_seconds"] = round(time.time() - t0, 1)
     (root / "assets.json").write_text(json.dumps(info, indent=2))
     _log(quiet, f"done in {info['build_seconds']}s: recall acc {info['teacher_recall_acc']:.3f}, "
                 f"valid loss {info['teacher_valid_loss']:.3f}")
 
 
-def _pretrain(root: Path, r: BuildRecipe, tok, quiet: bool) -> dict:
+def answer_weights(tokens: torch.Tensor, loss_mask: torch.Tensor, task, weight: float) -> torch.Tensor:
+    """Per-token loss weights [b, s]: ``loss_mask`` with the recall answers (the label after ``<|q|> key``) scaled.
+
+    tokens/loss_mask [b, s]; position t predicts tokens[t + 1], so t is an answer position when tokens[t] is a key
+    and tokens[t - 1] is the query marker."""
+    is_key = torch.isin(tokens, torch.tensor(task.keys, dtype=tokens.dtype))
+    after_q = torch.zeros_like(is_key)
+    after_q[:, 1:] = tokens[:, :-1] == task.q
+    w = loss_mask.float().clone()
+    w[is_key & after_q] *= weight
+    return w
+
+
+def _pretrain(root: Path, r: BuildRecipe, tok, task, warm_batch, quiet: bool) -> dict:
     """Plain next-token pretraining of the stock megatron model (tp=pp=1, this process)."""
     from dms_megatron.data.indexed import build_gpt_datasets, collate
     from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
@@ -214,14 +246,18 @@ def _pretrain(root: Path, r: BuildRecipe, tok, quiet: bool) -> dict:
                 lr = r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * prog))
             for g in opt.param_groups:
                 g["lr"] = lr
-            batch = collate([train[step * r.batch_size + i] for i in range(r.batch_size)])
+            if step < r.warm_steps:
+                batch = warm_batch(step)
+            else:
+                batch = collate([train[step * r.batch_size + i] for i in range(r.batch_size)])
+            weights = answer_weights(batch["tokens"], batch["loss_mask"], task, r.answer_loss_weight)
             loss = lm_loss(model(batch["tokens"], batch["position_ids"], None)[..., :vocab], batch["labels"],
-                           batch["loss_mask"])
+                           weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if not quiet and (step + 1) % 100 == 0:
+            if not quiet and (step + 1) % 50 == 0:
                 model.eval()
                 acc = score_recall(greedy_predict_fn(model, vocab), root / "recall_eval.jsonl", limit=64)
                 model.train()
