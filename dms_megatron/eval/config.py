@@ -1,0 +1,73 @@
+"""Configuration of ``dms-eval`` (a validated dataclass; the launcher registers it with Hydra)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from dms_megatron.config import ConfigError, _fail, from_dict
+from dms_megatron.inference.press import PRESSES
+from dms_megatron.training.config import RefitConfig
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate. Students not listed in ``students`` are re-fitted first from ``refit`` with
+    ``dms.final_cr`` set to each CR (the embedded default when ``refit.embedded`` is true); the teacher, held-out
+    data and recall questions are those of ``refit`` unless given here."""
+
+    crs: List[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
+    methods: List[str] = field(default_factory=lambda: list(PRESSES))
+    # CR (as written in crs, e.g. "4") -> a dms-refit run dir or its checkpoints/ dir
+    students: Dict[str, str] = field(default_factory=dict)
+    # re-fitted students are kept under the cache dir, keyed by their full config, and reused by later runs
+    reuse_students: bool = True
+    teacher: Optional[str] = None        # megatron checkpoint dir; null = the refit's init / embedded teacher
+    recall_eval: Optional[str] = None    # JSONL of held-out recall questions; null = the refit's
+    valid_prefix: Optional[str] = None   # indexed held-out text; null = the refit's
+    recall_limit: Optional[int] = None   # first N questions (null = all)
+    kl_sequences: int = 8
+    kl_length: Optional[int] = None      # null = refit.train.seq_length
+    streamingllm_sinks: int = 4
+    quest_page: int = 4
+    refit: RefitConfig = field(default_factory=RefitConfig)
+
+    def __post_init__(self) -> None:
+        if not self.crs:
+            _fail("eval", "crs", self.crs, "give at least one compression ratio, e.g. crs=[2,4,8]")
+        for c in self.crs:
+            if not isinstance(c, (int, float)) or c <= 1:
+                _fail("eval", "crs", self.crs, "every CR must be a number > 1 (CR 1 is the vanilla cache)")
+        unknown = [m for m in self.methods if m not in PRESSES]
+        if unknown or not self.methods:
+            _fail("eval", "methods", self.methods, f"allowed values: {', '.join(PRESSES)}")
+        keys = {cr_key(c) for c in self.crs}
+        extra = sorted(set(self.students) - keys)
+        if extra:
+            raise ConfigError(f"eval.students has CR(s) {extra} that are not in eval.crs={self.crs}")
+        for name in ("kl_sequences", "streamingllm_sinks", "quest_page"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "streamingllm_sinks" else 1):
+                _fail("eval", name, v, "must be a non-negative integer" if name == "streamingllm_sinks"
+                      else "must be an integer >= 1")
+        if self.kl_length is not None and not 2 <= self.kl_length <= self.refit.train.seq_length:
+            _fail("eval", "kl_length", self.kl_length, f"must lie in [2, refit.train.seq_length="
+                                                        f"{self.refit.train.seq_length}]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalConfig":
+        d = dict(d)
+        d["refit"] = RefitConfig.from_dict(d.get("refit") or {})
+        d["students"] = {cr_key(float(k)): str(v) for k, v in (d.get("students") or {}).items()}
+        return from_dict(cls, d)
+
+
+def cr_key(cr: float) -> str:
+    """The eval.json key of a CR: "4" for 4.0, "2.5" for 2.5."""
+    return f"{float(cr):g}"
+
+
+__all__ = ["EvalConfig", "cr_key"]

@@ -1,0 +1,93 @@
+"""Streaming evaluation of KV-cache methods on one engine: recall accuracy, KL to the teacher, memory and reads.
+
+Every prompt is fed token by token (one batched decode step per position after the first token), so each method
+makes its keep/evict choices online, exactly as it would while serving a long generation; no method sees the
+question before deciding what to keep. Metrics per sequence come from the engine (``SequenceMetrics``):
+
+  peak_tokens  max over steps of the tokens resident, summed over layers and KV heads (what memory must hold);
+  kv_reads     KV tokens read over all steps, summed over layers and KV heads (what bandwidth must move).
+
+Both are averaged over the sequences of a task. Notation: B sequences, L tokens each, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from dms_megatron.core.losses import kd_loss
+from dms_megatron.inference.engine import Engine
+
+
+def stream(engine: Engine, prompts: Sequence[Sequence[int]], answer_len: int = 0,
+           keep_logits: bool = False) -> Tuple[List[List[int]], List[dict], torch.Tensor | None]:
+    """Feed equal-length ``prompts`` [B][L] token by token, then greedy-decode ``answer_len`` tokens.
+
+    Returns (answers [B][answer_len], engine summaries [B], logits [B, L, V] fp32 when ``keep_logits``: the
+    prediction after each prompt token)."""
+    lengths = {len(p) for p in prompts}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"stream: prompts must be non-empty and of one length (got lengths {sorted(lengths)})")
+    b, n = len(prompts), lengths.pop()
+    ids = torch.tensor([list(p) for p in prompts], dtype=torch.long)  # [B, L]
+    session = engine.new_session(b)
+    rows = list(range(b))
+    last = torch.stack([engine.prefill(session, r, ids[r, :1])[-1] for r in rows])  # [B, V]
+    kept = [last.float()] if keep_logits else None
+    for t in range(1, n):
+        last = engine.decode(session, rows, ids[:, t].tolist())
+        if keep_logits:
+            kept.append(last.float())
+    answers: List[List[int]] = [[] for _ in rows]
+    for k in range(answer_len):
+        nxt = last.argmax(-1)
+        for r in rows:
+            answers[r].append(int(nxt[r]))
+        if k + 1 < answer_len:
+            last = engine.decode(session, rows, nxt.tolist())
+    logits = torch.stack(kept, dim=1) if keep_logits else None
+    return answers, engine.summary(session), logits
+
+
+def _mean(rows: List[dict], key: str) -> float:
+    return sum(float(r[key]) for r in rows) / len(rows)
+
+
+def recall_metrics(engine: Engine, items: List[dict]) -> dict:
+    """Exact-match accuracy of the greedy answers to held-out recall questions ({"prompt_ids", "answer_ids"}),
+    with mean peak tokens and KV reads per question. Items are grouped by prompt and answer length."""
+    groups: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
+    for it in items:
+        groups[(len(it["prompt_ids"]), len(it["answer_ids"]))].append(it)
+    correct, summaries = 0, []
+    for (_, alen), group in sorted(groups.items()):
+        answers, summ, _ = stream(engine, [it["prompt_ids"] for it in group], alen)
+        correct += sum(a == it["answer_ids"] for a, it in zip(answers, group))
+        summaries += summ
+    return {"recall_acc": correct / len(items), "peak_tokens": _mean(summaries, "peak_resident"),
+            "kv_reads": _mean(summaries, "kv_reads"), "questions": len(items)}
+
+
+def kl_metrics(engine: Engine, sequences: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
+    """Mean per-token KL(model || teacher) of next-token distributions on held-out ``sequences`` [B, L] (the
+    direction the re-fit trains), with mean peak tokens and KV reads per sequence. teacher_logits [B, L, V]."""
+    _, summ, logits = stream(engine, sequences.tolist(), keep_logits=True)
+    kl = float(kd_loss(logits, teacher_logits))
+    return {"kl": kl, "peak_tokens": _mean(summ, "peak_resident"), "kv_reads": _mean(summ, "kv_reads")}
+
+
+def teacher_logits(engine: Engine, sequences: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L, V] fp32 logits of the full-cache model (the KL reference)."""
+    return stream(engine, sequences.tolist(), keep_logits=True)[2]
+
+
+def budget_for(peak_tokens: float, layers: int, kv_heads: int) -> int:
+    """Per (sequence, layer, KV head) token budget of a baseline matched to a DMS peak (summed over layers and KV
+    heads). Rounded up: a baseline never gets less memory than DMS used."""
+    return max(1, math.ceil(peak_tokens / (layers * kv_heads) - 1e-9))
+
+
+__all__ = ["stream", "recall_metrics", "kl_metrics", "teacher_logits", "budget_for"]

@@ -1,0 +1,135 @@
+"""`dms-eval`: streaming harness against full forwards, matched budgets, eval.json layout, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from refit_fixtures import shared_assets
+
+ROOT = Path(__file__).resolve().parents[1]
+KL_LENGTH = 32
+RECALL_LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, megatron_single):
+    return shared_assets(tmp_path_factory)
+
+
+def test_budget_for_rounds_up_per_layer_and_head():
+    from dms_megatron.eval.harness import budget_for
+
+    assert budget_for(4 * 2 * 10, layers=4, kv_heads=2) == 10
+    assert budget_for(4 * 2 * 10 + 1, layers=4, kv_heads=2) == 11
+    assert budget_for(0.5, layers=4, kv_heads=2) == 1
+
+
+def test_streaming_equals_one_full_prefill_and_counts_reads(assets):
+    """Token-by-token streaming with a full cache gives the logits of one prefill of the whole sequence, and its
+    KV reads are the triangular count layers * kv_heads * (2 + 3 + ... + L)."""
+    from dms_megatron.eval.harness import stream
+    from dms_megatron.inference.engine import Engine
+    from dms_megatron.inference.loading import load_megatron
+
+    model = load_megatron(assets["teacher"])
+    torch.manual_seed(0)
+    seqs = torch.randint(0, 200, (3, 20))
+    _, summ, logits = stream(Engine(model), seqs.tolist(), keep_logits=True)
+    for i in range(3):
+        eng = Engine(model)
+        s = eng.new_session(1)
+        ref = eng.prefill(s, 0, seqs[i].tolist())
+        torch.testing.assert_close(logits[i], ref.float(), rtol=1e-4, atol=1e-4)
+    c = model.cfg
+    assert all(r["kv_reads"] == c.num_layers * c.num_query_groups * (sum(range(2, 21))) for r in summ)
+    assert all(r["peak_resident"] == c.num_layers * c.num_query_groups * 20 for r in summ)
+
+
+def _launch(args, env_extra=None, timeout=900):
+    env = dict(os.environ, WANDB_MODE="disabled", **(env_extra or {}))
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, "-m", "dms_megatron.launch.evaluate", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _overrides(assets):
+    model = [f"refit.model.{k}={v}" for k, v in assets["model"].items() if v is not None]
+    return model + [
+        "refit.embedded=false", f"refit.train.init_checkpoint={assets['teacher']}",
+        f"refit.data.train_prefix={assets['train']}", f"refit.data.valid_prefix={assets['valid']}",
+        f"refit.data.tokenizer={assets['tokenizer']}", f"refit.data.recall_eval={assets['recall']}",
+        "refit.train.steps=3", "refit.train.seq_length=64", "refit.train.micro_batch_size=2",
+        "refit.train.global_batch_size=2", "refit.train.eval_batches=1", "refit.train.recall_eval_limit=2",
+        "refit.train.warmup_steps=1", "refit.train.save_interval=3", "refit.dms.window=4", "refit.dms.final_step=2",
+        "refit.logging.progress=false", f"recall_limit={RECALL_LIMIT}", "kl_sequences=2", f"kl_length={KL_LENGTH}",
+    ]
+
+
+def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_path):
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    r = _launch(_overrides(assets) + ["crs=[2,4]", f"hydra.run.dir={run}"], {"DMS_CACHE_DIR": str(cache)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((run / "eval.json").read_text())
+    assert set(res) == {"vanilla", "dms", "tova", "h2o", "streamingllm", "quest"}
+    assert set(res["vanilla"]) == {"1"}
+    mc = assets["model"]
+    heads = mc["num_layers"] * mc["num_query_groups"]
+    van = res["vanilla"]["1"]
+    assert van["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert van["kl_kv_reads"] == heads * sum(range(2, KL_LENGTH + 1))
+    assert van["kl_peak_tokens"] == heads * KL_LENGTH
+    for cr in ("2", "4"):
+        d = res["dms"][cr]
+        assert set(d) >= {"recall_acc", "kl", "peak_tokens", "kv_reads"}
+        assert 0.0 <= d["recall_acc"] <= 1.0 and d["kl"] >= 0.0
+        assert d["peak_tokens"] <= van["peak_tokens"] and d["kv_reads"] <= van["kv_reads"]
+        for m in ("tova", "h2o", "streamingllm", "quest"):
+            b = res[m][cr]
+            # the budget is DMS's peak per (layer, KV head), rounded up
+            assert b["budget"] == max(1, math.ceil(d["peak_tokens"] / heads))
+            assert b["kl_budget"] == max(1, math.ceil(d["kl_peak_tokens"] / heads))
+            if m == "quest":  # Quest keeps the full cache and reads at most the budget per head and step
+                assert b["kl_peak_tokens"] == van["kl_peak_tokens"]
+                assert b["kl_kv_reads"] <= heads * b["kl_budget"] * (KL_LENGTH - 1)
+            else:
+                assert b["kl_peak_tokens"] <= heads * b["kl_budget"]
+                assert b["peak_tokens"] <= heads * b["budget"]
+    assert (run / "pareto_kv_reads.png").stat().st_size > 0 and (run / "pareto_peak_tokens.png").stat().st_size > 0
+    students = sorted(p.name for p in (cache / "students").iterdir())
+    assert len(students) == 2 and all(not n.count(".tmp-") for n in students), students
+    # a second evaluation reuses the cached students (no re-fit) and reproduces the numbers
+    run2 = tmp_path / "run2"
+    r2 = _launch(_overrides(assets) + ["crs=[2,4]", "methods=[vanilla,dms]", f"hydra.run.dir={run2}"],
+                 {"DMS_CACHE_DIR": str(cache)})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.stdout.count("reusing") == 2
+    res2 = json.loads((run2 / "eval.json").read_text())
+    assert res2["dms"]["4"]["recall_acc"] == res["dms"]["4"]["recall_acc"]
+    assert res2["dms"]["4"]["kl"] == pytest.approx(res["dms"]["4"]["kl"], rel=1e-6)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("crs=[1]", "eval.crs"),
+    ("methods=[vanilla,snapkv]", "eval.methods"),
+    ("+students.3=/nowhere", "not in eval.crs"),
+    ("kl_length=1000", "eval.kl_length"),
+])
+def test_bad_eval_config_fails_in_one_line(assets, tmp_path, override, needle):
+    r = _launch(_overrides(assets) + [override, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if "error" in line]
+    assert err and needle in err[-1], r.stderr[-2000:]
+    assert not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_student_that_is_not_a_run_dir_is_refused(assets, tmp_path):
+    r = _launch(_overrides(assets) + ["crs=[4]", f"+students.4={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2
+    assert "holds no checkpoint" in r.stderr
