@@ -66,6 +66,8 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
     """Save model (+ optimizer, scheduler, extra python state) as iteration ``iteration`` under ``save_dir``."""
     from megatron.core import dist_checkpointing
 
+    from dms_megatron.megatron.sharding import merge_swiglu_factories
+
     save_dir = Path(save_dir)
     final = iter_dir(save_dir, iteration)
     tmp = save_dir / f".tmp_iter_{iteration:07d}"
@@ -77,6 +79,8 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
     state = {"model": _model_sharded_sd(model)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    elif len(_unwrap(model)) == 1:  # weights only (conversion): no transient copy of every fc1 weight
+        merge_swiglu_factories(state["model"])
     common = {"iteration": iteration, "extra": extra or {}, "rng": torch.get_rng_state()}
     if scheduler is not None:
         common["scheduler"] = scheduler.state_dict()
@@ -209,12 +213,14 @@ def load_model_weights(load_dir, model, iteration: Optional[int] = None, allow_m
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from dms_megatron.megatron.sharding import merge_swiglu_factories
+
     d, _ = resolve_checkpoint(load_dir, iteration)
     chunks = _unwrap(model)
     if len(chunks) != 1:
         raise NotImplementedError("load_model_weights expects a single model chunk")
     m = chunks[0]
-    sharded = m.sharded_state_dict()
+    sharded = merge_swiglu_factories(m.sharded_state_dict())  # load fc1 in place, no merged copies
     in_ckpt = set(dist_checkpointing.load_tensors_metadata(str(d)).keys())
     skipped, absent = [], []
     for name in list(sharded):
