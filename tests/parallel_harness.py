@@ -2,6 +2,11 @@
 as a dist checkpoint (so a one-rank process can load them resharded to tp = pp = 1).
 
   torchrun --nproc-per-node N tests/parallel_harness.py --config CFG.json --run-dir DIR
+  torchrun --nproc-per-node N tests/parallel_harness.py --config CFG.json --load CKPT_DIR OUT.pt [--load ...]
+
+The second form builds the student, its DDP wrapper and optimizer at the config's layout, loads each checkpoint
+(model + optimizer, strict) and saves this rank's local shards (weights and Adam moments, with their tensor-parallel
+partition dim and global layer numbers) to OUT.pt with a ".rank{r}" suffix, for an independent merge in the test.
 """
 
 from __future__ import annotations
@@ -37,15 +42,62 @@ def dump_grads(run_dir):
     return hook
 
 
+def local_shards(ddp, optimizer, num_layers: int) -> dict:
+    """{global name: {"w": weight, "exp_avg": ..., "exp_avg_sq": ..., "tp_dim": int or None}} of this rank."""
+    import re
+
+    from megatron.core import parallel_state
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    offset = parallel_state.get_pipeline_model_parallel_rank() * (num_layers // pp)
+    state = {}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        state.update(opt.optimizer.state)
+    student = ddp.module
+    out = {}
+    for name, p in student.named_parameters():
+        name = re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+        st = state.get(p, {})
+        out[name] = {"w": p.detach().clone(), "exp_avg": st.get("exp_avg"), "exp_avg_sq": st.get("exp_avg_sq"),
+                     "tp_dim": p.partition_dim if getattr(p, "tensor_model_parallel", False) else None}
+    return {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "dp_rank": parallel_state.get_data_parallel_rank(), "tensors": out}
+
+
+def load_and_dump(cfg, loads) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from dms_megatron.megatron.distributed import init_process_groups
+    from dms_megatron.megatron.model import build_gpt_model, transformer_config
+    from dms_megatron.training.checkpointing import load_checkpoint
+    from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    init_process_groups(tp, pp, seed=cfg.train.seed)
+    for ckpt, out in loads:
+        student = build_gpt_model(cfg.model, cfg.dms, seq_length=cfg.train.seq_length,
+                                  config=transformer_config(cfg.model, tp=tp, pp=pp))
+        ddp = wrap_ddp(student)
+        optimizer = build_optimizer(ddp, cfg.train)
+        load_checkpoint(ckpt, ddp, optimizer, build_scheduler(optimizer, cfg.train))
+        torch.save(local_shards(ddp, optimizer, cfg.model.num_layers), f"{out}.rank{dist.get_rank()}")
+
+
 def main(argv=None) -> int:
     from dms_megatron.training.config import RefitConfig
     from dms_megatron.training.loop import run_refit
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True, type=Path)
-    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--run-dir", type=Path)
+    ap.add_argument("--load", nargs=2, action="append", metavar=("CKPT_DIR", "OUT"))
     args = ap.parse_args(argv)
     cfg = RefitConfig.from_dict(json.loads(args.config.read_text()))
+    if args.load:
+        load_and_dump(cfg, args.load)
+        return 0
     run_refit(cfg, args.run_dir, report=False, after_backward=dump_grads(args.run_dir))
     return 0
 
