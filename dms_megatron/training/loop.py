@@ -166,7 +166,8 @@ def run_refit(cfg: RefitConfig, run_dir: Path, *, report: bool = True,
     mc = res.model_config
     vocab = mc.vocab_size
     try:  # the layout must fit the model and the world before any process group exists
-        dp = validate_model_layout(mc, tp, pp, int(os.environ.get("WORLD_SIZE", 1)),
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+        dp = validate_model_layout(mc, tp, pp, world,
                                    sequence_parallel=p_cfg.sequence_parallel, seq_length=t_cfg.seq_length)
     except ValueError as e:
         raise ConfigError(str(e)) from None
