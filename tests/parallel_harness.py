@@ -93,12 +93,13 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, type=Path)
     ap.add_argument("--run-dir", type=Path)
     ap.add_argument("--load", nargs=2, action="append", metavar=("CKPT_DIR", "OUT"))
+    ap.add_argument("--report", action="store_true", help="also write the end-of-run report")
     args = ap.parse_args(argv)
     cfg = RefitConfig.from_dict(json.loads(args.config.read_text()))
     if args.load:
         load_and_dump(cfg, args.load)
         return 0
-    run_refit(cfg, args.run_dir, report=False, after_backward=dump_grads(args.run_dir))
+    run_refit(cfg, args.run_dir, report=args.report, after_backward=dump_grads(args.run_dir))
     return 0
 
 

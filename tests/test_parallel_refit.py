@@ -103,7 +103,8 @@ def one_rank(assets, tmp_path_factory):
 def test_layout_matches_one_rank(assets, one_rank, tmp_path, tp, pp, nproc):
     d1, dir1 = one_rank
     d = _cfg_dict(assets, tp=tp, pp=pp)
-    _torchrun(nproc, d, tmp_path, "--run-dir", tmp_path / "run")
+    report = ("--report",) if pp > 1 else ()  # a model-parallel run's report: one fresh rank, resharded checkpoint
+    _torchrun(nproc, d, tmp_path, "--run-dir", tmp_path / "run", *report)
     a, b = _metrics(dir1), _metrics(tmp_path / "run")
     assert [x["step"] for x in b] == list(range(1, STEPS + 1))
     assert any(x["compression_loss"] > 0 for x in a)  # the compression term's gradient is exercised
@@ -115,6 +116,9 @@ def test_layout_matches_one_rank(assets, one_rank, tmp_path, tp, pp, nproc):
     for it in range(1, STEPS + 1):
         _assert_close(_weights(d1, dir1 / "grads", it), _weights(d, tmp_path / "run" / "grads", it), 1e-3,
                       f"gradient of step {it}")
+    if report:
+        rep = json.loads((tmp_path / "run" / "report.json").read_text())
+        assert rep["steps"] == STEPS and 0 <= rep["kl_to_teacher"] < 1 and rep["achieved_cr"] >= 1
     # Adam moves a weight whose gradient is at fp32 noise level by a random fraction of lr per step
     _assert_close(_weights(d1, dir1 / "checkpoints"), _weights(d, tmp_path / "run" / "checkpoints"), 0.0,
                   "final weights", atol=0.1 * STEPS * LR)

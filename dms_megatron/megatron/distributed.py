@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from datetime import timedelta
@@ -17,6 +18,34 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def is_torchrun_var(name: str) -> bool:
+    """A variable by which torchrun makes a process join its job (TORCHELASTIC_USE_AGENT_STORE makes
+    ``init_process_group`` connect to the job's store instead of creating its own)."""
+    return name in TORCHRUN_ENV or name.startswith("TORCHELASTIC_")
+
+
+def single_process_env(env=None) -> dict:
+    """A copy of ``env`` (default os.environ) for a process that must run alone, outside any torchrun job."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if not is_torchrun_var(k)}
+
+
+@contextlib.contextmanager
+def outside_torchrun():
+    """Hide torchrun's variables in this process (restored after), so single-process work (e.g. building the embedded
+    teacher) does not join the job's world. No-op once torch.distributed is initialised."""
+    saved = {} if dist.is_initialized() else {k: v for k, v in os.environ.items() if is_torchrun_var(k)}
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def validate_layout(world_size: int, tp: int, pp: int) -> int:
@@ -97,4 +126,5 @@ def destroy_process_groups() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["init_process_groups", "destroy_process_groups", "validate_layout", "validate_model_layout"]
+__all__ = ["init_process_groups", "destroy_process_groups", "validate_layout", "validate_model_layout",
+           "outside_torchrun", "single_process_env"]

@@ -5,7 +5,6 @@ Runs in every rank (single process or torchrun). Reads a validated ``RefitConfig
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -49,7 +48,9 @@ class Resolved:
         if cfg.embedded:
             from dms_megatron.data.embedded import ensure_tiny_teacher
 
-            with _outside_torchrun():  # a first build pretrains in this process alone, before the job's groups
+            from dms_megatron.megatron.distributed import outside_torchrun
+
+            with outside_torchrun():  # a first build pretrains in this process alone, before the job's groups
                 a = ensure_tiny_teacher(quiet=_rank() != 0)
             self.model_config = a.model_config
             self.train_prefix, self.valid_prefix = a.train_prefix, a.valid_prefix
@@ -80,19 +81,6 @@ class Resolved:
             if m >= self.model_config.vocab_size:
                 raise ConfigError(f"{prefix}.bin holds token id {m} >= model vocab {self.model_config.vocab_size}: "
                                   f"data was tokenized with another tokenizer")
-
-
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@contextlib.contextmanager
-def _outside_torchrun():
-    """Hide torchrun's rank variables (restored after) so single-process work does not join the job's world."""
-    saved = {k: os.environ.pop(k) for k in TORCHRUN_ENV if k in os.environ and not dist.is_initialized()}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def _fault(step: int) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,9 +56,9 @@ class _History:
 
 def report_from_checkpoint(cfg, run_dir: Path) -> dict:
     """Run ``main`` in a fresh single process (outside this job's process groups); returns report.json."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                        "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    from dms_megatron.megatron.distributed import single_process_env
+
+    env = single_process_env()
     rc = subprocess.call([sys.executable, "-m", "dms_megatron.training.parallel_metrics", "--run-dir", str(run_dir)],
                          env=env)
     if rc:
