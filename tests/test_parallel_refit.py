@@ -3,7 +3,7 @@
 Every layout starts from the same random teacher checkpoint and reads the same global batches; per-step losses,
 per-layer evicted fractions, the student's reduced gradients of every step (saved as a dist checkpoint and loaded
 at tp = pp = 1) and the final weights must match the one-rank run within fp32 tolerance. The default run covers
-tp=2, pp=2 and dp=2; tp=2 x pp=2 (4 processes) is marked slow: ``pytest -m parallel`` (or ``-m "slow or not slow"``)
+tp=2, pp=2 and dp=2; tp=2 x pp=2 (4 processes) and the sequence-parallel cases are marked slow: ``pytest -m parallel`` (or ``-m "slow or not slow"``)
 runs the full matrix.
 """
 
@@ -34,10 +34,10 @@ def assets(tmp_path_factory, megatron_single):
     return shared_assets(tmp_path_factory)
 
 
-def _cfg_dict(assets, tp=1, pp=1, steps=STEPS, **dms):
+def _cfg_dict(assets, tp=1, pp=1, steps=STEPS, sp=False, **dms):
     d = refit_dict(assets, steps=steps, save_interval=100, warmup_steps=0, lr=LR, min_lr=LR / 10)
     d["dms"].update(initial_cr=2.0, final_cr=4.0, final_step=steps, **dms)  # compression loss active from step 1
-    d["parallel"] = dict(tp=tp, pp=pp)
+    d["parallel"] = dict(tp=tp, pp=pp, sequence_parallel=sp)
     return d
 
 
@@ -94,15 +94,17 @@ def one_rank(assets, tmp_path_factory):
     return d, _run_one_rank(d, tmp_path_factory.mktemp("one-rank"))
 
 
-@pytest.mark.parametrize("tp,pp,nproc", [
-    pytest.param(2, 1, 2, id="tp2"),
-    pytest.param(1, 2, 2, id="pp2"),
-    pytest.param(1, 1, 2, id="dp2"),
-    pytest.param(2, 2, 4, id="tp2pp2", marks=pytest.mark.slow),
+@pytest.mark.parametrize("tp,pp,nproc,sp", [
+    pytest.param(2, 1, 2, False, id="tp2"),
+    pytest.param(1, 2, 2, False, id="pp2"),
+    pytest.param(1, 1, 2, False, id="dp2"),
+    pytest.param(2, 2, 4, False, id="tp2pp2", marks=pytest.mark.slow),
+    pytest.param(2, 1, 2, True, id="tp2-sp", marks=pytest.mark.slow),
+    pytest.param(2, 2, 4, True, id="tp2pp2-sp", marks=pytest.mark.slow),
 ])
-def test_layout_matches_one_rank(assets, one_rank, tmp_path, tp, pp, nproc):
+def test_layout_matches_one_rank(assets, one_rank, tmp_path, tp, pp, nproc, sp):
     d1, dir1 = one_rank
-    d = _cfg_dict(assets, tp=tp, pp=pp)
+    d = _cfg_dict(assets, tp=tp, pp=pp, sp=sp)
     report = ("--report",) if pp > 1 else ()  # a model-parallel run's report: one fresh rank, resharded checkpoint
     _torchrun(nproc, d, tmp_path, "--run-dir", tmp_path / "run", *report)
     a, b = _metrics(dir1), _metrics(tmp_path / "run")
