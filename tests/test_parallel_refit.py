@@ -124,3 +124,18 @@ def test_layout_matches_one_rank(assets, one_rank, tmp_path, tp, pp, nproc, sp):
     # Adam moves a weight whose gradient is at fp32 noise level by a random fraction of lr per step
     _assert_close(_weights(d1, dir1 / "checkpoints"), _weights(d, tmp_path / "run" / "checkpoints"), 0.0,
                   "final weights", atol=0.1 * STEPS * LR)
+
+
+@pytest.mark.slow
+def test_alpha_per_layer_under_tp2_matches_one_rank(assets, tmp_path):
+    """dms.alpha_per=layer: KV head 0 (on tp rank 0) decides for every head of the layer on every rank."""
+    d1, d2 = _cfg_dict(assets, alpha_per="layer"), _cfg_dict(assets, tp=2, alpha_per="layer")
+    dir1 = _run_one_rank(d1, tmp_path / "one")
+    _torchrun(2, d2, tmp_path, "--run-dir", tmp_path / "tp2")
+    a, b = _metrics(dir1), _metrics(tmp_path / "tp2")
+    for x, y in zip(a, b):
+        for k in ("loss", "kd_loss", "compression_loss", "evicted_fraction", "evicted_fraction/layer1"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-7), (x["step"], k)
+    for it in range(1, STEPS + 1):
+        _assert_close(_weights(d1, dir1 / "grads", it), _weights(d2, tmp_path / "tp2" / "grads", it), 1e-3,
+                      f"gradient of step {it}")

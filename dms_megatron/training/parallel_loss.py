@@ -18,37 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
-class _AllReduceSum(torch.autograd.Function):
-    """all-reduce(sum) forward and backward: for a sum whose result feeds rank-specific computations."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
-class _ReduceToReplicated(torch.autograd.Function):
-    """all-reduce(sum) forward, identity backward: the result feeds a computation every rank repeats identically
-    (the loss), so each rank's gradient with respect to its own share is the loss gradient itself."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+from dms_megatron.megatron.collectives import all_reduce_sum, reduce_to_replicated
 
 
 def _local_log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
@@ -60,7 +30,7 @@ def _local_log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
         m = torch.full(x.shape[:-1] + (1,), float("-inf"), dtype=x.dtype, device=x.device)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     sum_exp = (x - m).exp().sum(dim=-1, keepdim=True)
-    sum_exp = _AllReduceSum.apply(sum_exp, group)
+    sum_exp = all_reduce_sum(sum_exp, group)
     return x - m - sum_exp.log()
 
 
@@ -94,7 +64,7 @@ def vocab_parallel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.T
         part = (s.exp() * (s - t)).sum(-1)
     else:
         part = (t.exp() * (t - s)).sum(-1)
-    tok = _ReduceToReplicated.apply(part, group)
+    tok = reduce_to_replicated(part, group)
     if loss_mask is None:
         return tok.mean()
     m = loss_mask.to(tok.dtype)
@@ -133,7 +103,7 @@ def global_mean_fraction(carry_sum: torch.Tensor, num_layers: int, tp: int, grou
     if tp > 1:
         from megatron.core import parallel_state
 
-        carry_sum = _ReduceToReplicated.apply(carry_sum, group or parallel_state.get_tensor_model_parallel_group())
+        carry_sum = reduce_to_replicated(carry_sum, group or parallel_state.get_tensor_model_parallel_group())
     return carry_sum / (num_layers * tp)
 
 
