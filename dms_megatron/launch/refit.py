@@ -3,7 +3,8 @@
 Hydra resolves configs/refit.yaml + overrides (e.g. ``dms.final_cr=8 dms.window=256``, ``-m`` for sweeps) into a run
 directory (``hydra.run.dir=DIR`` to choose it), validates them into a ``RefitConfig`` (a bad value stops here with a
 one-line error), writes ``config.yaml`` and runs the worker: in-process for one rank, or through torchrun when the
-layout needs several (``parallel.nproc_per_node`` or tp * pp ranks).
+layout needs several (``parallel.nproc_per_node`` or tp * pp ranks; e.g. ``dms-refit parallel.tp=2 parallel.pp=2``
+starts 4). A layout that does not fit the model or the world size fails here, before any rank starts.
 """
 
 from __future__ import annotations
@@ -40,9 +41,28 @@ def _task(dcfg) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from dms_megatron.megatron.distributed import validate_model_layout
+
+    p = cfg.parallel
+    world = p.nproc_per_node or p.tp * p.pp
+    try:  # before any rank starts (the model of an embedded or imported teacher is checked again by each worker)
+        validate_model_layout(cfg.model, p.tp, p.pp, p.world_size, sequence_parallel=p.sequence_parallel,
+                              seq_length=cfg.train.seq_length)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    world = cfg.parallel.nproc_per_node or cfg.parallel.tp * cfg.parallel.pp
+    if p.nnodes > 1 and "RANK" not in os.environ:
+        print(f"error: parallel.nnodes={p.nnodes}: dms-refit starts ranks on this machine only; start "
+              f"`torchrun --nnodes {p.nnodes} --nproc-per-node {world} -m dms_megatron.training.worker --run-dir "
+              f"{run_dir}` on every node (its config.yaml is written), or check the layout with dms-dryrun",
+              file=sys.stderr)
+        sys.exit(2)
     if world > 1 and "RANK" not in os.environ:
+        if cfg.embedded:  # build (or find) the embedded teacher once here, not in every rank
+            from dms_megatron.data.embedded import ensure_tiny_teacher
+
+            ensure_tiny_teacher()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "dms_megatron.training.worker", "--run-dir", str(run_dir)]
         rc = subprocess.call(cmd)

@@ -34,6 +34,7 @@ from dms_megatron.core.gating import (
 )
 from dms_megatron.core.losses import evicted_fraction
 from dms_megatron.core.masks import decisions_to_key_logits
+from dms_megatron.megatron.collectives import all_reduce_sum
 
 
 class DMSAlphaNorm(torch.nn.Module):
@@ -81,11 +82,6 @@ class DMSSelfAttention(SelfAttention):
             raise ValueError(
                 f"DMS needs num_query_groups (KV heads) >= tensor parallel size: {config.num_query_groups} KV heads "
                 f"with tp={tp}; lower parallel.tp to at most {config.num_query_groups}"
-            )
-        if dms_config.alpha_per == "layer" and tp > 1:
-            raise NotImplementedError(
-                "dms.alpha_per=layer with tensor parallelism > 1 is not supported (KV head 0 lives on one rank); "
-                "use dms.alpha_per=head or parallel.tp=1"
             )
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         self.dms_config = dms_config
@@ -189,6 +185,19 @@ class DMSCoreAttention(MegatronModule):
             out = self._dms_attention(q, k, v, logits.permute(1, 2, 0))  # logits -> [b, ng, s]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
+    def _head0(self, x: torch.Tensor) -> torch.Tensor:
+        """alpha_per=layer: global KV head 0's row of x [b, ng_local, s] for every local head. Head 0 lives on
+        tensor-parallel rank 0; the other ranks receive it by a sum over the group (rank 0's value, zeros elsewhere),
+        whose backward returns every rank's gradient to rank 0."""
+        head0 = x[:, :1]
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tp > 1:
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            # `head0 * 0` (not zeros_like) keeps every rank's autograd graph, so all ranks run the backward all-reduce
+            head0 = all_reduce_sum(head0 if rank == 0 else head0 * 0.0,
+                                   parallel_state.get_tensor_model_parallel_group())
+        return head0.expand_as(x)
+
     def _dms_attention(self, q, k, v, logits):
         cfg = self.dms_config
         owner = self._owner
@@ -205,13 +214,13 @@ class DMSCoreAttention(MegatronModule):
                                    torch.arange(s, device=logits.device), dtype=logits.dtype)
             _, hard, noisy = gumbel_sigmoid(logits, noise, cfg.tau)  # each [b, ng, s]
             if cfg.alpha_per == "layer":
-                hard, noisy = hard[:, :1].expand_as(hard), noisy[:, :1].expand_as(noisy)
+                hard, noisy = self._head0(hard), self._head0(noisy)
             key_scores = decisions_to_key_logits(noisy)  # key k <- position k+1; last key: -inf (keep)
             out = self.kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=False)
             decisions = hard
         else:
             if cfg.alpha_per == "layer":
-                logits = logits[:, :1].expand_as(logits)
+                logits = self._head0(logits)
             key_scores = decisions_to_key_logits(logits)
             out = self.kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=True)
             decisions = (logits > 0).to(logits.dtype)

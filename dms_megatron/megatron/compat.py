@@ -8,6 +8,7 @@ does nothing. Keep all such shims here, one commented block per error.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -232,6 +233,29 @@ def _patch_clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+def _patch_torch_norm_sequence_parallel() -> None:
+    # Error: AssertionError "sequence parallel not supported by torch LayerNorm" in
+    # megatron.core.transformer.torch_norm.WrappedTorchNorm (every norm of the local spec when apex is absent, i.e.
+    # always on CPU). Fix: the same torch norm, its weight marked `.sequence_parallel` so finalize_model_grads
+    # all-reduces its partial (sequence-shard) gradients over the tensor-parallel group, as megatron's fused norms do.
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
+                normalization="LayerNorm"):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        cfg = copy.copy(config)
+        cfg.sequence_parallel = False
+        norm = original(cls, cfg, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", True)
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = __new__
+
+
 def apply_cpu_compat() -> bool:
     """Install every CPU shim once. Returns True if patches are (now) active, False on a CUDA machine."""
     global _APPLIED
@@ -247,6 +271,7 @@ def apply_cpu_compat() -> bool:
     _patch_pin_memory()
     _patch_default_causal_mask()
     _patch_clip_grads()
+    _patch_torch_norm_sequence_parallel()
     _APPLIED = True
     return True
 

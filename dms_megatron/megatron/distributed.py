@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def is_torchrun_var(name: str) -> bool:
+    """A variable by which torchrun makes a process join its job (TORCHELASTIC_USE_AGENT_STORE makes
+    ``init_process_group`` connect to the job's store instead of creating its own)."""
+    return name in TORCHRUN_ENV or name.startswith("TORCHELASTIC_")
+
+
+def single_process_env(env=None) -> dict:
+    """A copy of ``env`` (default os.environ) for a process that must run alone, outside any torchrun job."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if not is_torchrun_var(k)}
+
+
+@contextlib.contextmanager
+def outside_torchrun():
+    """Hide torchrun's variables in this process (restored after), so single-process work (e.g. building the embedded
+    teacher) does not join the job's world. No-op once torch.distributed is initialised."""
+    saved = {} if dist.is_initialized() else {k: v for k, v in os.environ.items() if is_torchrun_var(k)}
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def validate_layout(world_size: int, tp: int, pp: int) -> int:
     """Check that tp * pp divides the world size; returns dp. One-line ValueError otherwise."""
     if tp < 1 or pp < 1:
@@ -27,6 +57,30 @@ def validate_layout(world_size: int, tp: int, pp: int) -> int:
             f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {tp} * {pp} = {tp * pp}"
         )
     return world_size // (tp * pp)
+
+
+def validate_model_layout(model_cfg, tp: int, pp: int, world_size: Optional[int] = None, *,
+                          sequence_parallel: bool = False, seq_length: Optional[int] = None) -> int:
+    """Check that a tensor/pipeline layout fits the model (and the world size, when given) before any process group
+    exists. Raises a one-line ValueError naming the numbers; returns dp (1 when ``world_size`` is None)."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+    checks = [
+        (model_cfg.num_attention_heads, "model.num_attention_heads (query heads)", tp, "parallel.tp"),
+        (model_cfg.num_query_groups, "model.num_query_groups (KV heads)", tp, "parallel.tp"),
+        (model_cfg.ffn_hidden_size, "model.ffn_hidden_size", tp, "parallel.tp"),
+        (model_cfg.padded_vocab_size, "the padded vocabulary (model.vocab_size rounded up to "
+                                      "model.make_vocab_size_divisible_by)", tp, "parallel.tp"),
+        (model_cfg.num_layers, "model.num_layers", pp, "parallel.pp"),
+    ]
+    if sequence_parallel and seq_length is not None:
+        checks.append((seq_length, "train.seq_length (sequence parallel)", tp, "parallel.tp"))
+    for value, what, div, knob in checks:
+        if value % div:
+            raise ValueError(f"{knob}={div} does not divide {what}={value}: choose {knob} among its divisors")
+    if world_size is None:
+        return 1
+    return validate_layout(world_size, tp, pp)
 
 
 def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int | None = None,
@@ -72,4 +126,5 @@ def destroy_process_groups() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["init_process_groups", "destroy_process_groups", "validate_layout"]
+__all__ = ["init_process_groups", "destroy_process_groups", "validate_layout", "validate_model_layout",
+           "outside_torchrun", "single_process_env"]

@@ -77,16 +77,25 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
+    """Layout: world size = nnodes * nproc_per_node (default tp * pp ranks on one node); dp = world / (tp * pp)."""
+
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False
     nproc_per_node: Optional[int] = None
+    nnodes: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "nnodes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 _fail("parallel", name, v, "must be an integer >= 1")
+        if self.nproc_per_node is not None and (not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1):
+            _fail("parallel", "nproc_per_node", self.nproc_per_node, "must be null or an integer >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * (self.nproc_per_node or self.tp * self.pp)
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
 

@@ -12,13 +12,13 @@ import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
-from dms_megatron.core.losses import compression_loss, cr_at_step, kd_loss, target_evicted_fraction
+from dms_megatron.core.losses import compression_loss, cr_at_step, target_evicted_fraction
 from dms_megatron.training.config import RefitConfig
 
 
@@ -48,7 +48,10 @@ class Resolved:
         if cfg.embedded:
             from dms_megatron.data.embedded import ensure_tiny_teacher
 
-            a = ensure_tiny_teacher(quiet=_rank() != 0)
+            from dms_megatron.megatron.distributed import outside_torchrun
+
+            with outside_torchrun():  # a first build pretrains in this process alone, before the job's groups
+                a = ensure_tiny_teacher(quiet=_rank() != 0)
             self.model_config = a.model_config
             self.train_prefix, self.valid_prefix = a.train_prefix, a.valid_prefix
             self.tokenizer_dir, self.recall_eval = a.tokenizer_dir, a.recall_eval
@@ -91,7 +94,7 @@ def _fault(step: int) -> str:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def _check_teacher(model) -> None:
@@ -115,52 +118,71 @@ def _batches(dataset, step: int, gbs: int, mbs: int, dp_rank: int, dp: int):
         yield b
 
 
-def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
-    """Train, checkpoint and report. Returns the report dict (rank 0) or {}."""
+def run_refit(cfg: RefitConfig, run_dir: Path, *, report: bool = True,
+              after_backward: Optional[Callable] = None) -> dict:
+    """Train, checkpoint and report. Returns the report dict (rank 0) or {}.
+
+    Any layout tp x pp x dp (world size = tp * pp * dp, from torchrun's environment). ``report=False`` skips the
+    end-of-run evaluation; ``after_backward(step, ddp)`` (tests) sees the reduced gradients before each update.
+    """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from dms_megatron.data.indexed import build_gpt_datasets
     from dms_megatron.megatron.compat import cuda_to_cpu_mode
-    from dms_megatron.megatron.distributed import init_process_groups
-    from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.megatron.runtime import DMSRuntime, attach_runtime
+    from dms_megatron.megatron.distributed import init_process_groups, validate_model_layout
+    from dms_megatron.megatron.model import build_gpt_model, transformer_config
+    from dms_megatron.megatron.pipeline import DistillationStage, pipeline_micro_batch_size
+    from dms_megatron.megatron.runtime import DMSRuntime
     from dms_megatron.training.checkpointing import latest_iteration, load_checkpoint, load_model_weights, \
         save_checkpoint
     from dms_megatron.training.logger import MetricsLogger
     from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
+    from dms_megatron.training.parallel_loss import global_mean_fraction, layer_fraction_vector, \
+        vocab_parallel_kd_loss
+    from dms_megatron.training.parallel_metrics import report_from_checkpoint, step_metrics
     from dms_megatron.training.report import write_report
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if _rank() == 0 and not (run_dir / "config.yaml").exists():  # the launcher writes it; direct calls too
+        import yaml
+
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t_cfg, p_cfg = cfg.train, cfg.parallel
-    if p_cfg.tp != 1 or p_cfg.pp != 1:
-        raise ConfigError(f"parallel.tp={p_cfg.tp} parallel.pp={p_cfg.pp}: this trainer runs tp=pp=1 (data "
-                          f"parallel across ranks is supported); use parallel.tp=1 parallel.pp=1")
-    init_process_groups(1, 1, seed=t_cfg.seed)
-    dp = parallel_state.get_data_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    if t_cfg.global_batch_size % (t_cfg.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size={t_cfg.global_batch_size} must be a multiple of "
-                          f"train.micro_batch_size * data-parallel size = {t_cfg.micro_batch_size} * {dp}")
+    tp, pp = p_cfg.tp, p_cfg.pp
     res = Resolved(cfg)
     mc = res.model_config
     vocab = mc.vocab_size
+    try:  # the layout must fit the model and the world before any process group exists
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+        dp = validate_model_layout(mc, tp, pp, world,
+                                   sequence_parallel=p_cfg.sequence_parallel, seq_length=t_cfg.seq_length)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if t_cfg.global_batch_size % (t_cfg.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t_cfg.global_batch_size} must be a multiple of "
+                          f"train.micro_batch_size * data-parallel size = {t_cfg.micro_batch_size} * {dp}")
+    init_process_groups(tp, pp, seed=t_cfg.seed)
+    dp_rank = parallel_state.get_data_parallel_rank()
 
-    # ---- models ----------------------------------------------------------------------------------------------
+    # ---- models: this rank's stage of the frozen teacher and of the DMS student -------------------------------
     torch.manual_seed(t_cfg.seed)
-    teacher = build_gpt_model(mc, None, seq_length=t_cfg.seq_length)
+
+    def tcfg():
+        return transformer_config(mc, tp=tp, pp=pp, sequence_parallel=p_cfg.sequence_parallel)
+
+    teacher = build_gpt_model(mc, None, seq_length=t_cfg.seq_length, config=tcfg())
     load_model_weights(res.init_checkpoint, teacher)
     _check_teacher(teacher)
     teacher.eval().requires_grad_(False)
-    student = build_gpt_model(mc, cfg.dms, seq_length=t_cfg.seq_length)
+    student = build_gpt_model(mc, cfg.dms, seq_length=t_cfg.seq_length, config=tcfg())
     load_model_weights(res.init_checkpoint, student, allow_missing=("dms_alpha",))
     if t_cfg.mode == "adapter":
         if cfg.dms.alpha_source != "adapter":
             raise ConfigError("train.mode=adapter trains only the DMS adapter: set dms.alpha_source=adapter")
         for n, p in student.named_parameters():
             p.requires_grad_("dms_alpha" in n)
-    ddp = wrap_ddp(student)
+    ddp = wrap_ddp(DistillationStage(teacher, student))
     optimizer = build_optimizer(ddp, t_cfg)
     scheduler = build_scheduler(optimizer, t_cfg)
 
@@ -178,14 +200,12 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
         if _rank() == 0:
             print(f"resumed from {ckpt_dir} at step {start}", flush=True)
 
-    train_ds, valid_ds = build_gpt_datasets(
-        res.train_prefix, res.valid_prefix, t_cfg.seq_length, t_cfg.seed, t_cfg.steps * t_cfg.global_batch_size,
-        max(1, t_cfg.eval_batches * t_cfg.micro_batch_size), res.eos_id, res.pad_id, vocab,
-        cache_dir=str(run_dir / "data-cache") if not cfg.embedded else None)
+    train_ds, valid_ds = build_datasets(cfg, res, run_dir)
 
     logger = MetricsLogger(run_dir, cfg, start_step=start, total_steps=t_cfg.steps, enabled=_rank() == 0)
     fwd_bwd = get_forward_backward_func()
     num_micro = t_cfg.global_batch_size // (t_cfg.micro_batch_size * dp)
+    msg_batch = pipeline_micro_batch_size(t_cfg.micro_batch_size) if pp > 1 else t_cfg.micro_batch_size
     extra = {"model_config": asdict(mc), "dms_config": asdict(cfg.dms), "refit_config": cfg.to_dict()}
     _carry_hf_metadata(res.init_checkpoint, ckpt_dir, extra)
     try:
@@ -193,24 +213,22 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
             t0 = time.perf_counter()
             target = target_evicted_fraction(cr_at_step(step, cfg.dms.initial_cr, cfg.dms.final_cr,
                                                         cfg.dms.final_step))
-            layer_fracs = {}
+            layer_fracs = torch.zeros(mc.num_layers, dtype=torch.float64)
 
             def forward_step(data_iterator, model):
+                nonlocal layer_fracs
                 b = next(data_iterator)
-                with torch.no_grad():
-                    t_logits = teacher(b["tokens"], b["position_ids"], None)[..., :vocab]
                 valid = (b["loss_mask"] > 0) | (b["tokens"] == res.eos_id)
                 rt = DMSRuntime(mode="train", seed=t_cfg.seed, step=step, sample_ids=b["sample_ids"], valid=valid,
                                 record_flags=False)
-                attach_runtime(model, rt)
-                out = model(b["tokens"], b["position_ids"], None)
+                out = model(b["tokens"], b["position_ids"], None, runtime=rt)
+                layer_fracs = layer_fracs + layer_fraction_vector(rt.fractions, mc.num_layers)
 
                 def loss_func(output):
-                    kd = kd_loss(output[..., :vocab], t_logits, b["loss_mask"], t_cfg.kd_direction)
-                    frac = rt.mean_fraction()
+                    s_logits, t_logits, frac_sum = output  # logits [b, s, V/tp]; frac_sum [b] over all stages
+                    kd = vocab_parallel_kd_loss(s_logits, t_logits, vocab, b["loss_mask"], t_cfg.kd_direction)
+                    frac = global_mean_fraction(frac_sum, mc.num_layers, tp)
                     comp = compression_loss(frac, target)
-                    for layer, f in rt.fractions.items():
-                        layer_fracs.setdefault(layer, []).append(float(f.detach().mean()))
                     loss = kd + t_cfg.compression_weight * comp
                     if _fault(step + 1) == "nan":
                         loss = loss * float("nan")
@@ -226,13 +244,14 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
                                   data_iterator=_batches(train_ds, step, t_cfg.global_batch_size,
                                                          t_cfg.micro_batch_size, dp_rank, dp),
                                   model=[ddp], num_microbatches=num_micro, seq_length=t_cfg.seq_length,
-                                  micro_batch_size=t_cfg.micro_batch_size, forward_only=False)
-            metrics = {k: sum(float(r[k]) for r in reduced) / len(reduced) for k in reduced[0]}
-            metrics = _dp_mean(metrics)
+                                  micro_batch_size=msg_batch, forward_only=False)
+            metrics = _dp_mean(step_metrics(reduced, layer_fracs / num_micro, tp))
             if not math.isfinite(metrics["loss"]):
                 raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint "
                                        f"in {ckpt_dir} is kept")
             lr = optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves it after)
+            if after_backward is not None:
+                after_backward(step, ddp)
             with cuda_to_cpu_mode():
                 ok, grad_norm, _ = optimizer.step()
             scheduler.step(1)
@@ -240,8 +259,7 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
             metrics.update(step=step + 1, target_fraction=target, target_cr=1.0 / (1.0 - target),
                            achieved_cr_train=1.0 / max(1e-9, 1.0 - metrics["evicted_fraction"]),
                            lr=lr, grad_norm=float(grad_norm or 0.0),
-                           tokens_per_s=t_cfg.global_batch_size * t_cfg.seq_length / dt,
-                           **{f"evicted_fraction/layer{k}": sum(v) / len(v) for k, v in sorted(layer_fracs.items())})
+                           tokens_per_s=t_cfg.global_batch_size * t_cfg.seq_length / dt)
             logger.log(metrics)
             if _fault(step + 1) == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -251,10 +269,22 @@ def run_refit(cfg: RefitConfig, run_dir: Path) -> dict:
     finally:
         logger.close()
 
-    report = {}
-    if _rank() == 0:
-        report = write_report(run_dir, cfg, res, student, teacher, valid_ds, logger, DMSRuntime)
-    return report
+    if not report:
+        return {}
+    if tp * pp > 1:  # evaluate the final checkpoint resharded to one rank, in a fresh process
+        return report_from_checkpoint(cfg, run_dir) if _rank() == 0 else {}
+    return write_report(run_dir, cfg, res, student, teacher, valid_ds, logger, DMSRuntime) if _rank() == 0 else {}
+
+
+def build_datasets(cfg: RefitConfig, res: Resolved, run_dir: Path):
+    """(train, valid) datasets of a run: the same samples on every rank and in the end-of-run evaluation."""
+    from dms_megatron.data.indexed import build_gpt_datasets
+
+    t = cfg.train
+    return build_gpt_datasets(
+        res.train_prefix, res.valid_prefix, t.seq_length, t.seed, t.steps * t.global_batch_size,
+        max(1, t.eval_batches * t.micro_batch_size), res.eos_id, res.pad_id, res.model_config.vocab_size,
+        cache_dir=str(Path(run_dir) / "data-cache") if not cfg.embedded else None)
 
 
 def _carry_hf_metadata(init_checkpoint: Path, ckpt_dir: Path, extra: dict) -> None:

@@ -1,0 +1,169 @@
+"""``dms-dryrun``: what a re-fit config would do on its parallel layout, without starting training.
+
+Takes the same overrides as ``dms-refit`` (e.g. ``dms-dryrun parallel=h100_256 model=qwen3-8b train=paper
+dms=paper``), validates them and the layout against the model (the same one-line errors as the trainer), and prints
+which global ranks form each tensor / pipeline / data-parallel group (megatron-core's rank order), a per-GPU memory
+estimate and the tokens per optimizer step. Creates no process group and no run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU on the busiest pipeline stage."""
+
+    student_params: int
+    grads: int
+    adam: int
+    teacher_params: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.student_params + self.grads + self.adam + self.teacher_params + self.activations
+
+
+def layer_params(mc, dms) -> int:
+    """Parameters of one decoder layer (attention, SwiGLU MLP, norms, DMS adapter)."""
+    h, hd, nh, ng, f = mc.hidden_size, mc.kv_channels, mc.num_attention_heads, mc.num_query_groups, mc.ffn_hidden_size
+    qkv = h * (nh + 2 * ng) * hd + ((nh + 2 * ng) * hd if mc.add_qkv_bias else 0)
+    n = qkv + nh * hd * h + 2 * h * f + f * h + 2 * h + (2 * hd if mc.qk_layernorm else 0)
+    if dms is not None and dms.alpha_source == "adapter":
+        n += h + h * ng
+    return n
+
+
+def stage_params(mc, dms, tp: int, pp: int) -> int:
+    """Parameters held by one GPU of the largest pipeline stage (tensor-parallel share; norms are replicated)."""
+    vocab = mc.padded_vocab_size * mc.hidden_size
+    layers = mc.num_layers // pp * layer_params(mc, dms) // tp
+    first = layers + vocab // tp
+    last = layers + mc.hidden_size + vocab // tp  # with pp > 1 a tied output layer is a copy on the last stage
+    return max(first, last) if pp > 1 else layers + mc.hidden_size + (1 if mc.tie_embeddings else 2) * vocab // tp
+
+
+def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4) -> int:
+    """Stored activations of the busiest stage: per layer ~ s*b*h*(34 + 5*a*s/h) 16-bit bytes without recompute
+    (Korthikanti et al. 2022), scaled to ``bytes_per`` and divided by tp (all of it with sequence parallel, the
+    attention/MLP part without), plus the DMS dense bias [b, heads, s, s] when dms.backend=dense; 1F1B keeps up to pp
+    micro batches in flight on the first stage. The teacher runs without grad (one layer's buffers, not counted)."""
+    mc, t, s, b = cfg.model, cfg.train, cfg.train.seq_length, cfg.train.micro_batch_size
+    h, a = mc.hidden_size, mc.num_attention_heads
+    per_layer_16 = s * b * h * 34 + 5 * a * s * s * b
+    if cfg.parallel.sequence_parallel:
+        per_layer_16 //= tp
+    else:
+        per_layer_16 = s * b * h * 10 + (s * b * h * 24 + 5 * a * s * s * b) // tp
+    per_layer = per_layer_16 * bytes_per // 2
+    if cfg.dms.backend == "dense":
+        per_layer += b * (a // tp) * s * s * bytes_per
+    num_micro = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    return per_layer * (mc.num_layers // pp) * min(pp, num_micro)
+
+
+def estimate(cfg, dp: int) -> MemoryEstimate:
+    """fp32 weights, fp32 gradient buffers and fp32 Adam moments (the trainer's dtypes; non-distributed optimizer)."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    student = stage_params(cfg.model, cfg.dms, tp, pp)
+    trainable = student if cfg.train.mode == "full" else (
+        cfg.model.num_layers // pp * (cfg.model.hidden_size + cfg.model.hidden_size * cfg.model.num_query_groups // tp))
+    teacher = stage_params(cfg.model, None, tp, pp)
+    return MemoryEstimate(student_params=4 * student, grads=4 * trainable, adam=8 * trainable,
+                          teacher_params=4 * teacher, activations=activation_bytes(cfg, tp, pp, dp))
+
+
+def rank_groups(tp: int, pp: int, dp: int) -> dict:
+    """Global ranks of every tp / pp / dp group, in megatron-core's default order (tp fastest, then dp, then pp)."""
+    from megatron.core.parallel_state import RankGenerator
+
+    gen = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    return {k: gen.get_ranks(k) for k in ("tp", "pp", "dp")}
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB" if n >= GIB // 4 else f"{n / 1024 ** 2:8.2f} MiB"
+
+
+def _fmt_groups(groups, limit: int = 4) -> str:
+    shown = ", ".join(str(g) for g in groups[:limit])
+    return shown + (f", ... ({len(groups)} groups)" if len(groups) > limit else "")
+
+
+def describe(cfg) -> str:
+    """The dry-run text for a validated RefitConfig (raises ValueError for a layout that does not fit)."""
+    from dms_megatron.megatron.distributed import validate_model_layout
+
+    p, t = cfg.parallel, cfg.train
+    world = p.world_size
+    dp = validate_model_layout(cfg.model, p.tp, p.pp, world, sequence_parallel=p.sequence_parallel,
+                               seq_length=t.seq_length)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                         f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")
+    g = rank_groups(p.tp, p.pp, dp)
+    m = estimate(cfg, dp)
+    mc = cfg.model
+    lines = [
+        f"layout: world {world} = {p.nnodes} node(s) x {p.nproc_per_node or p.tp * p.pp} GPUs; tp={p.tp} pp={p.pp} "
+        f"dp={dp}; sequence_parallel={p.sequence_parallel}",
+        f"model: {mc.family} {mc.num_layers} layers (pp stage: {mc.num_layers // p.pp}), {mc.num_attention_heads} "
+        f"heads / {mc.num_query_groups} KV heads (per tp rank: {mc.num_attention_heads // p.tp} / "
+        f"{mc.num_query_groups // p.tp}), ffn {mc.ffn_hidden_size} (per tp rank {mc.ffn_hidden_size // p.tp}), "
+        f"padded vocab {mc.padded_vocab_size} (per tp rank {mc.padded_vocab_size // p.tp})",
+        f"tp groups: {_fmt_groups(g['tp'])}",
+        f"pp groups: {_fmt_groups(g['pp'])}",
+        f"dp groups: {_fmt_groups(g['dp'])}",
+        f"rank 0 holds tp rank 0 / pp stage 0 / dp replica 0; global rank r -> tp r % {p.tp}, "
+        f"dp (r // {p.tp}) % {dp}, pp r // {p.tp * dp}",
+        f"batch: micro {t.micro_batch_size} x {t.global_batch_size // (t.micro_batch_size * dp)} micro batches x dp "
+        f"{dp} = global {t.global_batch_size} sequences of {t.seq_length} -> {t.global_batch_size * t.seq_length:,} "
+        f"tokens per step ({t.global_batch_size * t.seq_length * t.steps:,} in {t.steps} steps)",
+        "memory per GPU, busiest pipeline stage (fp32 weights/grads/Adam as the trainer runs; estimate):",
+        f"  student params {_size(m.student_params)}",
+        f"  grads          {_size(m.grads)}",
+        f"  Adam moments   {_size(m.adam)}",
+        f"  teacher copy   {_size(m.teacher_params)}",
+        f"  activations    {_size(m.activations)}  (incl. K/V; seq {t.seq_length}, micro batch "
+        f"{t.micro_batch_size}, dms.backend={cfg.dms.backend}, no recompute)",
+        f"  total          {_size(m.total)}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dms_megatron.config import ConfigError
+    from dms_megatron.launch.refit import CONFIG_DIR, register_configs
+    from dms_megatron.training.config import RefitConfig
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in overrides):
+        print(__doc__)
+        return 0
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        dcfg = compose(config_name="refit", overrides=overrides)
+    container = OmegaConf.to_container(dcfg, resolve=True)
+    container.pop("hydra", None)
+    try:
+        cfg = RefitConfig.from_dict(container)
+        print(describe(cfg))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

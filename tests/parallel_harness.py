@@ -1,0 +1,107 @@
+"""One rank of a re-fit for the parallel-equivalence tests, with the student's reduced gradients of every step saved
+as a dist checkpoint (so a one-rank process can load them resharded to tp = pp = 1).
+
+  torchrun --nproc-per-node N tests/parallel_harness.py --config CFG.json --run-dir DIR
+  torchrun --nproc-per-node N tests/parallel_harness.py --config CFG.json --load CKPT_DIR OUT.pt [--load ...]
+
+The second form builds the student, its DDP wrapper and optimizer at the config's layout, loads each checkpoint
+(model + optimizer, strict) and saves this rank's local shards (weights and Adam moments, with their tensor-parallel
+partition dim and global layer numbers) to OUT.pt with a ".rank{r}" suffix, for an independent merge in the test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def grads_dir(run_dir) -> Path:
+    return Path(run_dir) / "grads"
+
+
+def dump_grads(run_dir):
+    """An ``after_backward`` hook: save the student's gradients (megatron DDP's main_grad) at the student's own
+    checkpoint keys, as iteration step + 1 under run_dir/grads."""
+    from dms_megatron.training.checkpointing import save_checkpoint
+
+    def hook(step, ddp):
+        student = ddp.module.student
+        swapped = []
+        for p in student.parameters():
+            if p.requires_grad:
+                swapped.append((p, p.data))
+                p.data = p.main_grad.detach().view_as(p).clone()
+        try:
+            save_checkpoint(grads_dir(run_dir), step + 1, student)
+        finally:
+            for p, data in swapped:
+                p.data = data
+
+    return hook
+
+
+def local_shards(ddp, optimizer, num_layers: int) -> dict:
+    """{global name: {"w": weight, "exp_avg": ..., "exp_avg_sq": ..., "tp_dim": int or None}} of this rank."""
+    import re
+
+    from megatron.core import parallel_state
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    offset = parallel_state.get_pipeline_model_parallel_rank() * (num_layers // pp)
+    state = {}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        state.update(opt.optimizer.state)
+    student = ddp.module
+    out = {}
+    for name, p in student.named_parameters():
+        name = re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+        st = state.get(p, {})
+        out[name] = {"w": p.detach().clone(), "exp_avg": st.get("exp_avg"), "exp_avg_sq": st.get("exp_avg_sq"),
+                     "tp_dim": p.partition_dim if getattr(p, "tensor_model_parallel", False) else None}
+    return {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "dp_rank": parallel_state.get_data_parallel_rank(), "tensors": out}
+
+
+def load_and_dump(cfg, loads) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from dms_megatron.megatron.distributed import init_process_groups
+    from dms_megatron.megatron.model import build_gpt_model, transformer_config
+    from dms_megatron.training.checkpointing import load_checkpoint
+    from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    init_process_groups(tp, pp, seed=cfg.train.seed)
+    for ckpt, out in loads:
+        student = build_gpt_model(cfg.model, cfg.dms, seq_length=cfg.train.seq_length,
+                                  config=transformer_config(cfg.model, tp=tp, pp=pp))
+        ddp = wrap_ddp(student)
+        optimizer = build_optimizer(ddp, cfg.train)
+        load_checkpoint(ckpt, ddp, optimizer, build_scheduler(optimizer, cfg.train))
+        torch.save(local_shards(ddp, optimizer, cfg.model.num_layers), f"{out}.rank{dist.get_rank()}")
+
+
+def main(argv=None) -> int:
+    from dms_megatron.training.config import RefitConfig
+    from dms_megatron.training.loop import run_refit
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True, type=Path)
+    ap.add_argument("--run-dir", type=Path)
+    ap.add_argument("--load", nargs=2, action="append", metavar=("CKPT_DIR", "OUT"))
+    ap.add_argument("--report", action="store_true", help="also write the end-of-run report")
+    args = ap.parse_args(argv)
+    cfg = RefitConfig.from_dict(json.loads(args.config.read_text()))
+    if args.load:
+        load_and_dump(cfg, args.load)
+        return 0
+    run_refit(cfg, args.run_dir, report=args.report, after_backward=dump_grads(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
