@@ -4,6 +4,9 @@ Hydra resolves configs/refit.yaml + overrides (e.g. ``dms.final_cr=8 dms.window=
 directory (``hydra.run.dir=DIR`` to choose it), validates them into a ``RefitConfig`` (a bad value stops here with a
 one-line error), writes ``config.yaml`` and runs the worker: in-process for one rank, or through torchrun when the
 layout needs several (``parallel.nproc_per_node`` or tp * pp ranks).
+
+``dms-refit --prepare-only hydra.run.dir=DIR ...`` validates and writes ``DIR/config.yaml`` without training (exit 2
+with the one-line error on a bad config): batch jobs (slurm/refit.sbatch) launch the ranks themselves.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PREPARE_ONLY_FLAG = "--prepare-only"
+_prepare_only = False
 
 
 def register_configs() -> None:
@@ -41,6 +46,9 @@ def _task(dcfg) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if _prepare_only:
+        print(f"config: {run_dir / 'config.yaml'}", flush=True)
+        return
     world = cfg.parallel.nproc_per_node or cfg.parallel.tp * cfg.parallel.pp
     if world > 1 and "RANK" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
@@ -61,6 +69,10 @@ def main() -> None:
         print(f"error: config directory {CONFIG_DIR} not found; install the project editable (pip install -e .) "
               f"from its source checkout", file=sys.stderr)
         sys.exit(2)
+    global _prepare_only
+    if PREPARE_ONLY_FLAG in sys.argv[1:]:
+        sys.argv.remove(PREPARE_ONLY_FLAG)
+        _prepare_only = True
     os.environ.setdefault("WANDB_MODE", "offline")
     register_configs()
     hydra.main(config_path=str(CONFIG_DIR), config_name="refit", version_base="1.3")(_task)()
