@@ -110,15 +110,16 @@ def plot(rows: list, path: Path) -> None:
     b.set_xlabel("target CR (dms.final_cr)")
     b.set_ylabel("KL to teacher (nats/token)")
     for ax in (a, b):
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_summary(sweep_dir: Path, out_dir: Optional[Path] = None) -> list:
+def write_summary(sweep_dir: Path, out_dir: Optional[Path] = None, rows: Optional[list] = None) -> list:
     """Collect the rows and write summary.{csv,json,png} into ``out_dir`` (default: the sweep dir)."""
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir) if rows is None else rows
     out = Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "summary.csv", "w", newline="") as f:
@@ -138,11 +139,12 @@ def main(argv=None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
-    rows = write_summary(args.sweep_dir, args.out)
+    rows = collect(args.sweep_dir)
     if not rows:
         print(f"error: {args.sweep_dir} holds no run dirs (sub-directories with config.yaml, .hydra/ or "
               f"status.json)", file=sys.stderr)
         return 2
+    write_summary(args.sweep_dir, args.out, rows)
     print_table(rows, str(args.sweep_dir))
     out = args.out or args.sweep_dir
     print(f"wrote {out / 'summary.csv'}, {out / 'summary.json'}, {out / 'summary.png'}")
