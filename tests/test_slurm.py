@@ -246,3 +246,28 @@ def test_hydra_sweep_through_submitit_slurm_launcher(assets, tmp_path):
         assert float(rows[key]["achieved_cr"]) == rep["achieved_cr"]
         assert float(rows[key]["kl_to_teacher"]) == rep["kl_to_teacher"]
     assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_convert_jobs_import_then_export_round_trip(tmp_path, slurm_cluster):
+    """slurm/convert.sbatch: HF -> Megatron (tp=2: two processes inside the job) -> HF gives back the same tensors."""
+    from safetensors.torch import load_file
+
+    from convert_fixtures import make_hf_model, save_hf_model
+
+    save_hf_model(make_hf_model("llama"), tmp_path / "hf")
+    jobs = {}
+    for verb, env in (("import", dict(HF_MODEL=str(tmp_path / "hf"), MEGATRON_PATH=str(tmp_path / "mg"), TP="2")),
+                      ("export", dict(MEGATRON_PATH=str(tmp_path / "mg"), HF_PATH=str(tmp_path / "back"),
+                                      FORMAT="plain"))):
+        r = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", str(ROOT / "slurm" / "convert.sbatch")],
+                           cwd=tmp_path, env=_env(VERB=verb, **env), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        jobs[verb] = job = r.stdout.strip()
+        rec = _wait(job)
+        out = (tmp_path / f"dms-convert-{job}.out").read_text()
+        assert rec["JobState"] == "COMPLETED", (rec, out)
+        assert f"dms-convert {verb}: wrote" in out
+        assert (tmp_path / "runs" / "slurm" / f"dms-convert-{job}" / f"convert-{job}.log").is_file()
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
