@@ -197,17 +197,23 @@ def test_preemption_signal_checkpoint_requeue_resume(assets, uninterrupted, tmp_
     assert (ra["kl_to_teacher"], ra["achieved_cr"]) == (rb["kl_to_teacher"], rb["achieved_cr"])
 
 
-def test_bad_config_fails_the_job_with_one_line_error(assets, tmp_path):
+@pytest.mark.parametrize("override,needle", [
+    ("dms.final_cr=0.5", "dms.final_cr=0.5"),                                  # dataclass validation (prepare)
+    ("foo.bar=1", "Could not override 'foo.bar'"),                             # Hydra: unknown key (prepare)
+    ("data.train_prefix=/nonexistent/train", "/nonexistent/train.bin does not exist"),  # the ranks' input check
+])
+def test_bad_config_fails_the_job_with_one_line_error(assets, tmp_path, override, needle):
     run = tmp_path / "bad"
-    job = _submit(_overrides(assets, STEPS) + ["dms.final_cr=0.5"], tmp_path, RUN_DIR=str(run))
+    job = _submit(_overrides(assets, STEPS) + [override], tmp_path, RUN_DIR=str(run))
     rec = _wait(job)
-    assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "2:0", rec
     out = (tmp_path / f"dms-refit-{job}.out").read_text()
+    assert rec["JobState"] == "FAILED" and rec["ExitCode"] != "0:0", (rec, out)
     errors = [ln for ln in out.splitlines() if "error: " in ln]
-    assert len(errors) == 1 and "error: dms.final_cr=0.5" in errors[0], out
+    assert len(errors) == 1 and needle in errors[0], out
     log = (run / "logs" / f"slurm-{job}.log").read_text()
-    assert any(ln.startswith("error: dms.final_cr=0.5") for ln in log.splitlines()) and "Traceback" not in log
-    assert json.loads((run / "status.json").read_text())["state"] == "FAILED"
+    assert needle in log and "Traceback" not in log
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "FAILED" and status["exit_code"] == int(rec["ExitCode"].split(":")[0]) != 0
     assert not (run / "report.json").exists() and not (run / "checkpoints").exists()
     r = subprocess.run([sys.executable, "-m", "dms_megatron.launch.summary", str(tmp_path)], capture_output=True,
                        text=True, timeout=120, env=_env())

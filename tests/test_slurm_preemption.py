@@ -44,6 +44,17 @@ def _metrics(run_dir: Path):
 KEYS = ("step", "loss", "kd_loss", "compression_loss", "evicted_fraction", "lr", "grad_norm")
 
 
+def _catches(pid: int, sig) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (SigCgt mask of /proc/PID/status)."""
+    try:
+        for ln in open(f"/proc/{pid}/status"):
+            if ln.startswith("SigCgt:"):
+                return bool(int(ln.split()[1], 16) >> (int(sig) - 1) & 1)
+    except FileNotFoundError:
+        pass
+    return False
+
+
 def _preempt(run: Path, cfg: dict, sig, after: int) -> int:
     """Start the worker, send ``sig`` once step ``after`` is logged; returns the checkpointed stop step."""
     from dms_megatron.training.checkpointing import latest_iteration
@@ -51,6 +62,10 @@ def _preempt(run: Path, cfg: dict, sig, after: int) -> int:
 
     p = _start_worker(run, cfg)
     deadline = time.time() + 300
+    if after == 0:  # during start-up: as soon as the worker catches the signal, long before its first step
+        while not _catches(p.pid, sig) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert _steps_logged(run) == 0
     while _steps_logged(run) < after and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(sig)
@@ -58,7 +73,9 @@ def _preempt(run: Path, cfg: dict, sig, after: int) -> int:
     assert p.returncode == PREEMPTED_EXIT_CODE, (out[-1000:], err[-2000:])
     stopped = latest_iteration(run / "checkpoints")
     # stopped at a step boundary after the signal, before the end; nothing past that step was logged
-    assert after <= stopped < STEPS, out
+    assert max(after, 1) <= stopped < STEPS, out
+    if after == 0:
+        assert stopped == 1, out  # a signal during start-up stops at the first boundary
     assert [m["step"] for m in _metrics(run)] == list(range(1, stopped + 1))
     assert f"received {sig.name}" in out and f"checkpoint of step {stopped} saved" in out
     assert not (run / "report.json").exists()  # a preempted run is not reported as finished
@@ -66,14 +83,15 @@ def _preempt(run: Path, cfg: dict, sig, after: int) -> int:
 
 
 def test_signals_checkpoint_at_step_boundary_and_resume_is_bit_identical(assets, tmp_path):
-    """USR1 (SLURM's warning signal), resume, TERM (preemption/scancel), resume == one uninterrupted run."""
+    """USR1 (SLURM's warning signal) during start-up, resume, TERM (preemption/scancel) mid-run, resume == one
+    uninterrupted run."""
     cfg = refit_dict(assets, steps=STEPS, save_interval=100, eval_batches=1, recall_eval_limit=1)
     full = _start_worker(tmp_path / "full", cfg)
     out, err = full.communicate(timeout=600)
     assert full.returncode == 0, err[-2000:]
 
     run = tmp_path / "preempted"
-    first = _preempt(run, cfg, signal.SIGUSR1, after=3)
+    first = _preempt(run, cfg, signal.SIGUSR1, after=0)
     second = _preempt(run, cfg, signal.SIGTERM, after=first + 3)
     assert second > first
     resumed = _start_worker(run, cfg)

@@ -26,6 +26,16 @@ PREEMPTED_EXIT_CODE = 4
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+_early: list = []  # SIGUSR1s that arrived before the training loop installed its handler
+
+
+def catch_early_usr1() -> None:
+    """Record SIGUSR1 from process start on (imports, model build, data indexing take minutes on big models): its
+    default action would kill the rank; the loop's handler picks the recorded signal up and stops after step one.
+    SIGTERM keeps its default until then (a job cancelled during start-up just ends)."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _early.append(signal.Signals(signum).name))
+
+
 class Preempted(RuntimeError):
     """Training stopped at a step boundary on request; ``step`` is the checkpointed iteration."""
 
@@ -52,6 +62,11 @@ class PreemptionHandler:
             return self
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._on_signal)
+        if _early:
+            print(f"received {', '.join(_early)} during start-up: will checkpoint and stop after the first step",
+                  flush=True)
+            self.received.extend(_early)
+            _early.clear()
         return self
 
     def uninstall(self) -> None:
@@ -80,4 +95,4 @@ class PreemptionHandler:
         return flag > 0
 
 
-__all__ = ["PreemptionHandler", "Preempted", "PREEMPTED_EXIT_CODE", "STOP_SIGNALS"]
+__all__ = ["PreemptionHandler", "Preempted", "PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "catch_early_usr1"]

@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", required=True, type=Path)
     args = ap.parse_args(argv)
+    from dms_megatron.training.preemption import catch_early_usr1
+
+    catch_early_usr1()  # a SLURM warning signal during start-up must not kill the rank
     from dms_megatron.training.checkpointing import CheckpointError
     from dms_megatron.training.config import RefitConfig
     from dms_megatron.training.loop import TrainingDiverged, run_refit
