@@ -5,6 +5,9 @@ directory (``hydra.run.dir=DIR`` to choose it), validates them into a ``RefitCon
 one-line error), writes ``config.yaml`` and runs the worker: in-process for one rank, or through torchrun when the
 layout needs several (``parallel.nproc_per_node`` or tp * pp ranks; e.g. ``dms-refit parallel.tp=2 parallel.pp=2``
 starts 4). A layout that does not fit the model or the world size fails here, before any rank starts.
+
+``dms-refit --prepare-only hydra.run.dir=DIR ...`` validates and writes ``DIR/config.yaml`` without training (exit 2
+with the one-line error on a bad config): batch jobs (slurm/refit.sbatch) launch the ranks themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PREPARE_ONLY_FLAG = "--prepare-only"
+_prepare_only = False
 
 
 def register_configs() -> None:
@@ -52,6 +57,9 @@ def _task(dcfg) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if _prepare_only:
+        print(f"config: {run_dir / 'config.yaml'}", flush=True)
+        return
     if p.nnodes > 1 and "RANK" not in os.environ:
         print(f"error: parallel.nnodes={p.nnodes}: dms-refit starts ranks on this machine only; start "
               f"`torchrun --nnodes {p.nnodes} --nproc-per-node {world} -m dms_megatron.training.worker --run-dir "
@@ -81,6 +89,10 @@ def main() -> None:
         print(f"error: config directory {CONFIG_DIR} not found; install the project editable (pip install -e .) "
               f"from its source checkout", file=sys.stderr)
         sys.exit(2)
+    global _prepare_only
+    if PREPARE_ONLY_FLAG in sys.argv[1:]:
+        sys.argv.remove(PREPARE_ONLY_FLAG)
+        _prepare_only = True
     os.environ.setdefault("WANDB_MODE", "offline")
     register_configs()
     hydra.main(config_path=str(CONFIG_DIR), config_name="refit", version_base="1.3")(_task)()

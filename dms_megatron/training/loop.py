@@ -20,6 +20,7 @@ import torch.distributed as dist
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
 from dms_megatron.core.losses import compression_loss, cr_at_step, target_evicted_fraction
 from dms_megatron.training.config import RefitConfig
+from dms_megatron.training.preemption import Preempted, PreemptionHandler
 
 
 class TrainingDiverged(RuntimeError):
@@ -208,6 +209,7 @@ def run_refit(cfg: RefitConfig, run_dir: Path, *, report: bool = True,
     msg_batch = pipeline_micro_batch_size(t_cfg.micro_batch_size) if pp > 1 else t_cfg.micro_batch_size
     extra = {"model_config": asdict(mc), "dms_config": asdict(cfg.dms), "refit_config": cfg.to_dict()}
     _carry_hf_metadata(res.init_checkpoint, ckpt_dir, extra)
+    preempt = PreemptionHandler().install()  # SIGUSR1/SIGTERM -> checkpoint + Preempted at the next step boundary
     try:
         for step in range(start, t_cfg.steps):
             t0 = time.perf_counter()
@@ -266,7 +268,14 @@ def run_refit(cfg: RefitConfig, run_dir: Path, *, report: bool = True,
             if (step + 1) % t_cfg.save_interval == 0 or step + 1 == t_cfg.steps:
                 save_checkpoint(ckpt_dir, step + 1, ddp, optimizer, scheduler,
                                 extra=dict(extra, consumed_samples=(step + 1) * t_cfg.global_batch_size))
+            # ---- preemption: every rank agrees (all-reduce) to stop here; the worker exits PREEMPTED_EXIT_CODE
+            if step + 1 < t_cfg.steps and preempt.requested():
+                if latest_iteration(ckpt_dir) != step + 1:
+                    save_checkpoint(ckpt_dir, step + 1, ddp, optimizer, scheduler,
+                                    extra=dict(extra, consumed_samples=(step + 1) * t_cfg.global_batch_size))
+                raise Preempted(step + 1, ckpt_dir, preempt.received)
     finally:
+        preempt.uninstall()
         logger.close()
 
     if not report:
