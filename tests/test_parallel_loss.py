@@ -2,19 +2,13 @@
 layout errors raised before any process group exists."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from spawn_util import spawn_and_collect
 
 V, VOCAB = 12, 10  # padded vocabulary 12 (6 per rank), real vocabulary 10: rank 1 holds 2 padding ids
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kl_worker(rank, world, port, out):
@@ -48,16 +42,7 @@ def _kl_worker(rank, world, port, out):
 def test_vocab_parallel_kl_matches_full_vocab_loss_and_gradient():
     from dms_megatron.core.losses import kd_loss
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_kl_worker, args=(r, 2, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = spawn_and_collect(_kl_worker, 2, timeout=240)
     g = torch.Generator().manual_seed(0)
     s_full = torch.randn(3, 5, V, generator=g, dtype=torch.float64) * 3
     t_full = torch.randn(3, 5, V, generator=g, dtype=torch.float64) * 3

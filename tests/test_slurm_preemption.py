@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from refit_fixtures import refit_dict, shared_assets
+from spawn_util import spawn_and_collect
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -121,22 +122,8 @@ def _agree_worker(rank: int, world: int, port: int, q) -> None:
     q.put((rank, seen))
 
 
+@pytest.mark.parallel
 def test_all_ranks_stop_at_the_same_boundary_when_one_is_signalled():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_agree_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = spawn_and_collect(_agree_worker, 2, timeout=120)
     expected = [False, False, True, True, True]
     assert got == {0: expected, 1: expected}
