@@ -121,9 +121,10 @@ def heldout_sequences(prefix: str, count: int, length: int) -> torch.Tensor:
                       f"for more (lower eval.kl_sequences or eval.kl_length)")
 
 
-def _metrics(engine: Engine, items, seqs, t_logits) -> dict:
+def _metrics(engine: Engine, items, seqs, t_logits, kl_engine: Optional[Engine] = None) -> dict:
+    """Recall metrics of ``engine`` and KL metrics of ``kl_engine`` (default the same engine) in one row."""
     rec = recall_metrics(engine, items) if items else {}
-    kl = kl_metrics(engine, seqs, t_logits)
+    kl = kl_metrics(kl_engine or engine, seqs, t_logits)
     return {**rec, "kl": kl["kl"], "kl_peak_tokens": kl["peak_tokens"], "kl_kv_reads": kl["kv_reads"]}
 
 
@@ -160,14 +161,13 @@ def run_eval(cfg: EvalConfig, run_dir: Path) -> dict:
         dms["student"] = str(students[key])
         if "dms" in results:
             results["dms"][key] = dms
+        # the recall and KL tasks have different lengths, so each gets the budget DMS reached on it
+        b_rec = budget_for(dms.get("peak_tokens", dms["kl_peak_tokens"]), layers, ng)
+        b_kl = budget_for(dms["kl_peak_tokens"], layers, ng)
         for name in baselines:
-            # the recall and KL tasks have different lengths, so each gets the budget DMS reached on it
-            b_rec = budget_for(dms.get("peak_tokens", dms["kl_peak_tokens"]), layers, ng)
-            b_kl = budget_for(dms["kl_peak_tokens"], layers, ng)
-            rec = recall_metrics(Engine(teacher, _budget_press(name, cfg, b_rec)), items) if items else {}
-            kl = kl_metrics(Engine(teacher, _budget_press(name, cfg, b_kl)), seqs, t_logits)
-            results[name][key] = {**rec, "kl": kl["kl"], "kl_peak_tokens": kl["peak_tokens"],
-                                  "kl_kv_reads": kl["kv_reads"], "budget": b_rec, "kl_budget": b_kl}
+            results[name][key] = dict(_metrics(Engine(teacher, _budget_press(name, cfg, b_rec)), items, seqs,
+                                               t_logits, Engine(teacher, _budget_press(name, cfg, b_kl))),
+                                      budget=b_rec, kl_budget=b_kl)
         print(f"[dms-eval] CR {key}: " + ", ".join(
             f"{m} recall={results[m][key].get('recall_acc', float('nan')):.3f} kl={results[m][key]['kl']:.4f}"
             for m in results if key in results[m]), flush=True)
