@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 BRINGUP = ROOT / "tools" / "slurm_localhost.sh"
 JOB_TIMEOUT = 600
+REQUEUE_SETTLE = 3.0  # seconds between a requeue and its release (see _wait)
 STEPS = 16            # preempted + uninterrupted runs (the signal must land well before the last step)
 SWEEP_STEPS = 4
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
@@ -118,16 +119,28 @@ def _jobcomp(job: str) -> dict:
     return recs[-1] if recs else {}
 
 
+def _node_idle() -> bool:
+    r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    return r.returncode == 0 and all(t.strip() == "idle" for t in r.stdout.split())
+
+
 def _wait(job: str, *, on_pending_requeue=None, timeout=JOB_TIMEOUT) -> dict:
     """Poll until the job has a terminal completion record; a requeued job waiting for its BeginTime (SLURM holds
-    requeued jobs ~2 min) is released at once. Cancels the job on timeout."""
+    requeued jobs ~2 min) is released once it is safe to (REQUEUE_SETTLE). Cancels the job on timeout."""
     deadline = time.time() + timeout
+    held_since = None
     while time.time() < deadline:
         q = _squeue(job)
         if q.startswith("PENDING") and "BeginTime" in q:
-            if on_pending_requeue:
-                on_pending_requeue()
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
+            held_since = held_since or time.time()
+            # slurmd refuses a batch launch whose credential is not newer (in whole seconds) than the kill of the
+            # previous run ("Job N already killed, do not launch batch job" -> FAILED): release only once the
+            # node is idle again and the requeue is over REQUEUE_SETTLE seconds old
+            if time.time() - held_since >= REQUEUE_SETTLE and _node_idle():
+                if on_pending_requeue:
+                    on_pending_requeue()
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True,
+                               timeout=30)
         if not q or q.split()[0] in TERMINAL:
             rec = _jobcomp(job)
             if rec.get("JobState") in TERMINAL:
