@@ -51,6 +51,31 @@ def test_streaming_equals_one_full_prefill_and_counts_reads(assets):
     assert all(r["peak_resident"] == c.num_layers * c.num_query_groups * 20 for r in summ)
 
 
+def test_answer_residency_follows_what_each_press_keeps(assets):
+    """Hand-worked: StreamingLLM with 2 sinks and budget 6 holds positions {0, 1} and the 4 most recent ones, so an
+    answer stated at position 1 stays resident in every layer and head, one stated at position 5 of a 20-token
+    prompt does not; a full cache holds both. The accuracy split by layer-0 residency covers every question."""
+    from dms_megatron.eval.harness import recall_metrics, stated_position
+    from dms_megatron.inference.engine import Engine
+    from dms_megatron.inference.loading import load_megatron
+    from dms_megatron.inference.press import make_press
+
+    assert stated_position([7, 3, 9, 3, 9], [3, 9]) == 1 and stated_position([7, 3], [9]) is None
+    model = load_megatron(assets["teacher"])
+    layers = model.cfg.num_layers
+    prompt = list(range(10, 30))  # 20 distinct tokens
+    items = [{"prompt_ids": prompt, "answer_ids": [prompt[1]]}, {"prompt_ids": prompt, "answer_ids": [prompt[5]]}]
+    sl = recall_metrics(Engine(model, make_press("streamingllm", budget=6, sinks=2)), items[:1])
+    assert sl["answer_resident"] == [1.0] * layers
+    sl = recall_metrics(Engine(model, make_press("streamingllm", budget=6, sinks=2)), items[1:])
+    assert sl["answer_resident"] == [0.0] * layers
+    assert sl["recall_acc_by_layer0"]["held"] is None and sl["recall_acc_by_layer0"]["dropped"] is not None
+    full = recall_metrics(Engine(model), items)
+    assert full["answer_resident"] == [1.0] * layers and full["recall_acc_by_layer0"]["dropped"] is None
+    # a prompt that never states its answer: no residency figures (rather than wrong ones)
+    assert "answer_resident" not in recall_metrics(Engine(model), [{"prompt_ids": prompt, "answer_ids": [5]}])
+
+
 def _launch(args, env_extra=None, timeout=900):
     env = dict(os.environ, WANDB_MODE="disabled", **(env_extra or {}))
     env.pop("RANK", None)
@@ -89,6 +114,7 @@ def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_
         d = res["dms"][cr]
         assert set(d) >= {"recall_acc", "kl", "peak_tokens", "kv_reads"}
         assert 0.0 <= d["recall_acc"] <= 1.0 and d["kl"] >= 0.0
+        assert len(d["answer_resident"]) == mc["num_layers"] and all(0 <= x <= 1 for x in d["answer_resident"])
         assert d["peak_tokens"] <= van["peak_tokens"] and d["kv_reads"] <= van["kv_reads"]
         for m in ("tova", "h2o", "streamingllm", "quest"):
             b = res[m][cr]

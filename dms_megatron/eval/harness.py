@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from dms_megatron.core.losses import kd_loss
-from dms_megatron.inference.engine import Engine
+from dms_megatron.inference.engine import Engine, Session
 
 
-def stream(engine: Engine, prompts: Sequence[Sequence[int]], answer_len: int = 0,
-           keep_logits: bool = False) -> Tuple[List[List[int]], List[dict], torch.Tensor | None]:
+def stream(engine: Engine, prompts: Sequence[Sequence[int]], answer_len: int = 0, keep_logits: bool = False,
+           at_prompt_end: Optional[Callable[[Session], None]] = None,
+           ) -> Tuple[List[List[int]], List[dict], torch.Tensor | None]:
     """Feed equal-length ``prompts`` [B][L] token by token, then greedy-decode ``answer_len`` tokens.
+    ``at_prompt_end(session)`` is called once the whole prompt is in (before any answer token).
 
     Returns (answers [B][answer_len], engine summaries [B], logits [B, L, V] fp32 when ``keep_logits``: the
     prediction after each prompt token)."""
@@ -41,6 +43,8 @@ def stream(engine: Engine, prompts: Sequence[Sequence[int]], answer_len: int = 0
         last = engine.decode(session, rows, ids[:, t].tolist())
         if keep_logits:
             kept.append(last.float())
+    if at_prompt_end is not None:
+        at_prompt_end(session)
     answers: List[List[int]] = [[] for _ in rows]
     for k in range(answer_len):
         nxt = last.argmax(-1)
@@ -56,19 +60,59 @@ def _mean(rows: List[dict], key: str) -> float:
     return sum(float(r[key]) for r in rows) / len(rows)
 
 
+def stated_position(prompt: Sequence[int], answer: Sequence[int]) -> Optional[int]:
+    """Position of the first token of the first occurrence of ``answer`` in ``prompt`` (where the value was
+    stated), or None."""
+    n = len(answer)
+    for i in range(len(prompt) - n + 1):
+        if list(prompt[i:i + n]) == list(answer):
+            return i
+    return None
+
+
+def answer_residency(session: Session, positions: Sequence[Optional[int]]) -> Optional[torch.Tensor]:
+    """bool [B, layers, ng]: whether the token at ``positions[b]`` (the stated answer) is still held in the cache
+    of each layer and KV head of sequence b; None where any position is unknown."""
+    if any(p is None for p in positions):
+        return None
+    pos = torch.tensor(list(positions))[:, None, None]  # [B, 1, 1]
+    return torch.stack([(c.pos == pos).any(-1) for c in session.caches], dim=1)  # c.pos [B, ng, cap]
+
+
 def recall_metrics(engine: Engine, items: List[dict]) -> dict:
     """Exact-match accuracy of the greedy answers to held-out recall questions ({"prompt_ids", "answer_ids"}),
-    with mean peak tokens and KV reads per question. Items are grouped by prompt and answer length."""
+    with mean peak tokens and KV reads per question. Items are grouped by prompt and answer length.
+
+    Also, where every prompt states its answer: ``answer_resident`` [layers], the fraction of (question, KV head)
+    pairs whose cache still holds the stated answer's first token when the question ends (what each layer could
+    still read), and ``recall_acc_by_layer0`` {"held": acc, "dropped": acc}, accuracy split by whether layer 0 of
+    any KV head still holds it (layer 0's DMS decision for a token is a function of the next token's identity
+    alone, so it is the layer where learned eviction is blindest)."""
     groups: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
     for it in items:
         groups[(len(it["prompt_ids"]), len(it["answer_ids"]))].append(it)
-    correct, summaries = 0, []
+    correct, summaries, resident, hits = 0, [], [], []
     for (_, alen), group in sorted(groups.items()):
-        answers, summ, _ = stream(engine, [it["prompt_ids"] for it in group], alen)
-        correct += sum(a == it["answer_ids"] for a, it in zip(answers, group))
+        held: List[Optional[torch.Tensor]] = []
+        where = [stated_position(it["prompt_ids"], it["answer_ids"]) for it in group]
+        answers, summ, _ = stream(engine, [it["prompt_ids"] for it in group], alen,
+                                  at_prompt_end=lambda s: held.append(answer_residency(s, where)))
+        ok = [a == it["answer_ids"] for a, it in zip(answers, group)]
+        correct += sum(ok)
         summaries += summ
-    return {"recall_acc": correct / len(items), "peak_tokens": _mean(summaries, "peak_resident"),
-            "kv_reads": _mean(summaries, "kv_reads"), "questions": len(items)}
+        if held[0] is not None:
+            resident.append(held[0])
+            hits += ok
+    out = {"recall_acc": correct / len(items), "peak_tokens": _mean(summaries, "peak_resident"),
+           "kv_reads": _mean(summaries, "kv_reads"), "questions": len(items)}
+    if resident and len(hits) == len(items):
+        r = torch.cat(resident)  # [questions, layers, ng]
+        out["answer_resident"] = [round(float(x), 4) for x in r.float().mean(dim=(0, 2))]
+        l0 = r[:, 0].any(-1)
+        ok = torch.tensor(hits)
+        out["recall_acc_by_layer0"] = {name: (round(float(ok[m].float().mean()), 4) if int(m.sum()) else None)
+                                       for name, m in (("held", l0), ("dropped", ~l0))}
+    return out
 
 
 def kl_metrics(engine: Engine, sequences: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
@@ -90,4 +134,4 @@ def budget_for(peak_tokens: float, layers: int, kv_heads: int) -> int:
     return max(1, math.ceil(peak_tokens / (layers * kv_heads) - 1e-9))
 
 
-__all__ = ["stream", "recall_metrics", "kl_metrics", "teacher_logits", "budget_for"]
+__all__ = ["stream", "stated_position", "answer_residency", "recall_metrics", "kl_metrics", "teacher_logits", "budget_for"]

@@ -4,7 +4,8 @@ eval.json: {method: {cr: {recall_acc, kl, peak_tokens, kv_reads, ...}}} with met
 streamingllm, quest. vanilla (the teacher with its full cache) sits under cr "1"; every baseline at CR c runs on the
 teacher with the per-head budget matched to the peak tokens the CR-c DMS student reached on the same task.
 ``peak_tokens`` / ``kv_reads`` are the recall task's (mean per question); ``kl_peak_tokens`` / ``kl_kv_reads`` those
-of the held-out text the KL is measured on.
+of the held-out text the KL is measured on. Recall rows also carry ``answer_resident`` (per layer, the fraction of
+questions x KV heads whose cache still holds the stated answer when the question ends) and ``recall_acc_by_layer0``.
 """
 
 from __future__ import annotations
@@ -171,6 +172,9 @@ def run_eval(cfg: EvalConfig, run_dir: Path) -> dict:
         print(f"[dms-eval] CR {key}: " + ", ".join(
             f"{m} recall={results[m][key].get('recall_acc', float('nan')):.3f} kl={results[m][key]['kl']:.4f}"
             for m in results if key in results[m]), flush=True)
+        if "answer_resident" in dms:
+            print(f"[dms-eval] CR {key}: dms holds the stated answer per layer {dms['answer_resident']}; recall when "
+                  f"layer 0 holds it / dropped it: {dms['recall_acc_by_layer0']}", flush=True)
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     pareto_plots(results, run_dir)
     print(f"[dms-eval] wrote {run_dir / 'eval.json'} and Pareto plots in {time.time() - t0:.0f}s", flush=True)
