@@ -70,11 +70,9 @@ def stated_position(prompt: Sequence[int], answer: Sequence[int]) -> Optional[in
     return None
 
 
-def answer_residency(session: Session, positions: Sequence[Optional[int]]) -> Optional[torch.Tensor]:
+def answer_residency(session: Session, positions: Sequence[int]) -> torch.Tensor:
     """bool [B, layers, ng]: whether the token at ``positions[b]`` (the stated answer) is still held in the cache
-    of each layer and KV head of sequence b; None where any position is unknown."""
-    if any(p is None for p in positions):
-        return None
+    of each layer and KV head of sequence b."""
     pos = torch.tensor(list(positions))[:, None, None]  # [B, 1, 1]
     return torch.stack([(c.pos == pos).any(-1) for c in session.caches], dim=1)  # c.pos [B, ng, cap]
 
@@ -91,21 +89,16 @@ def recall_metrics(engine: Engine, items: List[dict]) -> dict:
     groups: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
     for it in items:
         groups[(len(it["prompt_ids"]), len(it["answer_ids"]))].append(it)
-    correct, summaries, resident, hits = 0, [], [], []
+    hits, summaries, resident = [], [], []  # resident: one [group size, layers, ng] per group that states answers
     for (_, alen), group in sorted(groups.items()):
-        held: List[Optional[torch.Tensor]] = []
         where = [stated_position(it["prompt_ids"], it["answer_ids"]) for it in group]
-        answers, summ, _ = stream(engine, [it["prompt_ids"] for it in group], alen,
-                                  at_prompt_end=lambda s: held.append(answer_residency(s, where)))
-        ok = [a == it["answer_ids"] for a, it in zip(answers, group)]
-        correct += sum(ok)
+        probe = None if None in where else (lambda s, w=where: resident.append(answer_residency(s, w)))
+        answers, summ, _ = stream(engine, [it["prompt_ids"] for it in group], alen, at_prompt_end=probe)
+        hits += [a == it["answer_ids"] for a, it in zip(answers, group)]
         summaries += summ
-        if held[0] is not None:
-            resident.append(held[0])
-            hits += ok
-    out = {"recall_acc": correct / len(items), "peak_tokens": _mean(summaries, "peak_resident"),
+    out = {"recall_acc": sum(hits) / len(items), "peak_tokens": _mean(summaries, "peak_resident"),
            "kv_reads": _mean(summaries, "kv_reads"), "questions": len(items)}
-    if resident and len(hits) == len(items):
+    if len(resident) == len(groups):  # every prompt states its answer: resident rows align with hits
         r = torch.cat(resident)  # [questions, layers, ng]
         out["answer_resident"] = [round(float(x), 4) for x in r.float().mean(dim=(0, 2))]
         l0 = r[:, 0].any(-1)
@@ -134,4 +127,5 @@ def budget_for(peak_tokens: float, layers: int, kv_heads: int) -> int:
     return max(1, math.ceil(peak_tokens / (layers * kv_heads) - 1e-9))
 
 
-__all__ = ["stream", "stated_position", "answer_residency", "recall_metrics", "kl_metrics", "teacher_logits", "budget_for"]
+__all__ = ["stream", "stated_position", "answer_residency", "recall_metrics", "kl_metrics", "teacher_logits",
+           "budget_for"]
