@@ -38,11 +38,16 @@ KEYS = ("step", "loss", "kd_loss", "compression_loss", "evicted_fraction", "lr",
         "evicted_fraction/layer1", "evicted_fraction/layer2")
 
 
-def _cluster_idle() -> bool:
+def _node_states() -> list:
+    """The compact state of every node (sinfo %t: idle, mix, alloc, comp, ...); [] when no cluster answers."""
     if not shutil.which("sinfo"):
-        return False
+        return []
     r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    return r.returncode == 0 and any(s.strip() in ("idle", "mix", "alloc") for s in r.stdout.splitlines())
+    return r.stdout.split() if r.returncode == 0 else []
+
+
+def _cluster_idle() -> bool:
+    return any(s in ("idle", "mix", "alloc") for s in _node_states())
 
 
 @pytest.fixture(scope="session")
@@ -120,8 +125,8 @@ def _jobcomp(job: str) -> dict:
 
 
 def _node_idle() -> bool:
-    r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    return r.returncode == 0 and all(t.strip() == "idle" for t in r.stdout.split())
+    states = _node_states()
+    return bool(states) and all(t == "idle" for t in states)
 
 
 def _wait(job: str, *, on_pending_requeue=None, timeout=JOB_TIMEOUT) -> dict:
@@ -131,8 +136,9 @@ def _wait(job: str, *, on_pending_requeue=None, timeout=JOB_TIMEOUT) -> dict:
     held_since = None
     while time.time() < deadline:
         q = _squeue(job)
-        if q.startswith("PENDING") and "BeginTime" in q:
-            held_since = held_since or time.time()
+        held = q.startswith("PENDING") and "BeginTime" in q
+        held_since = (held_since or time.time()) if held else None  # a later requeue starts its own clock
+        if held:
             # slurmd refuses a batch launch whose credential is not newer (in whole seconds) than the kill of the
             # previous run ("Job N already killed, do not launch batch job" -> FAILED): release only once the
             # node is idle again and the requeue is over REQUEUE_SETTLE seconds old
