@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def grads_dir(run_dir) -> Path:
 def dump_grads(run_dir):
     """An ``after_backward`` hook: save the student's gradients (megatron DDP's main_grad) at the student's own
     checkpoint keys, as iteration step + 1 under run_dir/grads."""
-    from dms_megatron.training.checkpointing import save_checkpoint
+    from dms_megatron.checkpoint import save_checkpoint
 
     def hook(step, ddp):
         student = ddp.module.student
@@ -71,7 +72,7 @@ def load_and_dump(cfg, loads) -> None:
 
     from dms_megatron.megatron.distributed import init_process_groups
     from dms_megatron.megatron.model import build_gpt_model, transformer_config
-    from dms_megatron.training.checkpointing import load_checkpoint
+    from dms_megatron.checkpoint import load_checkpoint
     from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
@@ -86,8 +87,11 @@ def load_and_dump(cfg, loads) -> None:
 
 
 def main(argv=None) -> int:
-    from dms_megatron.training.config import RefitConfig
-    from dms_megatron.training.loop import run_refit
+    import torch.distributed as dist
+
+    from dms_megatron.config import RefitConfig
+    from dms_megatron.megatron.distributed import single_process_env
+    from refit_fixtures import run_refit
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True, type=Path)
@@ -100,6 +104,10 @@ def main(argv=None) -> int:
         load_and_dump(cfg, args.load)
         return 0
     run_refit(cfg, args.run_dir, report=args.report, after_backward=dump_grads(args.run_dir))
+    if args.report and dist.get_rank() == 0 and cfg.parallel.tp * cfg.parallel.pp > 1:
+        # what the worker does: the report from the final checkpoint, in a fresh one-rank process
+        subprocess.check_call([sys.executable, "-m", "dms_megatron.launch.report", "--run-dir", str(args.run_dir)],
+                              env=single_process_env())
     return 0
 
 

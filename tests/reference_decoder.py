@@ -46,6 +46,7 @@ class ReferenceDecoder:
         self.cache = [[[] for _ in range(self.ng)] for _ in range(L)]
         self.pos = 0
         self.resident_history = []
+        self.decision_flags = [[] for _ in range(L)]  # per layer, per step: [decision > 0 for each KV head]
 
     def _p(self, name):
         return self.sd[name]
@@ -84,6 +85,8 @@ class ReferenceDecoder:
             if self.qneuron:
                 for gi in range(self.ng):
                     q[gi * self.g, -1] = 0.0
+            if decisions is not None:
+                self.decision_flags[li].append([d > 0 for d in decisions])
             heads = []
             for gi in range(self.ng):
                 entries = self.cache[li][gi]

@@ -10,29 +10,30 @@ from conftest import tiny_model_config
 
 SEQ = 64
 VOCAB_TARGET = 300
+RECALL_LEN = 40
 
 
 def build_assets(root: Path, init_std: float = 0.02) -> dict:
     """Writes tokenizer/, data/{train,valid}.{bin,idx}, recall.jsonl and teacher/ under ``root``."""
     import torch
 
+    from dms_megatron.checkpoint import save_checkpoint
     from dms_megatron.data.corpus import stdlib_texts
     from dms_megatron.data.indexed import write_indexed
-    from dms_megatron.data.recall import RecallSpec, RecallTask, write_eval
+    from dms_megatron.data.recall import RecallSpec, RecallTask, filler_from, write_items
     from dms_megatron.data.tokenizer import train_tokenizer
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.training.checkpointing import save_checkpoint
 
     texts = list(stdlib_texts(200_000, chunk_chars=1000))
     tok = train_tokenizer(texts, VOCAB_TARGET, root / "tokenizer")
     docs = [tok(t)["input_ids"] for t in texts]
     rng = random.Random(0)
-    task = RecallTask(tok, RecallSpec(num_pairs=2, value_len=2, num_queries=1))
-    filler = docs[0]
+    task = RecallTask(tok, RecallSpec(pairs=(2, 2), gap=(1, 3), tail=(4, 8), prefix=(0, 2)))
+    filler = filler_from(docs[0])(rng)
     (root / "data").mkdir(parents=True, exist_ok=True)
     write_indexed(root / "data" / "train", docs[:150], len(tok))
     write_indexed(root / "data" / "valid", docs[150:], len(tok))
-    write_eval(root / "recall.jsonl", [task.eval_item(rng, filler[:20]) for _ in range(8)])
+    write_items(root / "recall.jsonl", [task.item(rng, filler, RECALL_LEN) for _ in range(8)])
     cfg = tiny_model_config(vocab_size=len(tok), max_position_embeddings=SEQ, init_method_std=init_std)
     torch.manual_seed(0)
     teacher = build_gpt_model(cfg, None, seq_length=SEQ)
@@ -67,3 +68,12 @@ def refit_dict(assets: dict, **train) -> dict:
         "logging": dict(wandb=False, progress=False),
         "embedded": False,
     }
+
+
+def run_refit(cfg, run_dir, report: bool = True, after_backward=None) -> dict:
+    """What the launcher does for one in-process rank: write the run's config.yaml, then train (and report)."""
+    from dms_megatron.training.run_config import write_run_config
+    from dms_megatron.training.trainer import RefitTrainer, TrainerHooks
+
+    write_run_config(run_dir, cfg)
+    return RefitTrainer(cfg, run_dir, TrainerHooks(after_backward=after_backward)).run(report=report)

@@ -13,7 +13,7 @@ SEED_A, SEED_B = 0, 1
 
 def _setup(dms_cfg=None, seed=SEED_A, adapter_only=False, steps=10):
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.training.config import TrainConfig
+    from dms_megatron.config import TrainConfig
     from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
     torch.manual_seed(seed)
@@ -31,16 +31,16 @@ def _setup(dms_cfg=None, seed=SEED_A, adapter_only=False, steps=10):
 def _step(model, ddp, opt, sched, step):
     """One optimizer step on a fixed synthetic batch (drawn from the global torch RNG, so RNG state matters)."""
     from dms_megatron.megatron.compat import cuda_to_cpu_mode
-    from dms_megatron.megatron.runtime import DMSRuntime, attach_runtime
+    from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
     vocab = model.model_config.vocab_size
     ids = torch.randint(0, vocab, (MICRO_BATCH, TINY_SEQ))
     pos = torch.arange(TINY_SEQ)[None].expand(MICRO_BATCH, -1)
     rt = DMSRuntime(mode="train", step=step)
-    attach_runtime(model, rt)
     ddp.zero_grad_buffer()
     opt.zero_grad()
-    logits = ddp(ids, pos, None)[..., :vocab]
+    with dms_forward(model, rt):
+        logits = ddp(ids, pos, None)[..., :vocab]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
     if rt.fractions:
         loss = loss + (0.5 - rt.mean_fraction()).clamp(min=0).mean()
@@ -59,7 +59,7 @@ def _params(model):
 @pytest.mark.parametrize("adapter_only", [False, True])
 def test_roundtrip_restores_training_state_exactly(megatron_single, tmp_path, adapter_only):
     from dms_megatron.config import DMSConfig
-    from dms_megatron.training.checkpointing import TRACKER, load_checkpoint, save_checkpoint
+    from dms_megatron.checkpoint import TRACKER, load_checkpoint, save_checkpoint
 
     dms = DMSConfig(window=4, alpha_source="adapter")
     model, ddp, opt, sched = _setup(dms, adapter_only=adapter_only)
@@ -86,7 +86,7 @@ def test_roundtrip_restores_training_state_exactly(megatron_single, tmp_path, ad
 def test_failed_save_leaves_previous_checkpoint_current(megatron_single, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
-    from dms_megatron.training.checkpointing import TRACKER, latest_iteration, load_checkpoint, save_checkpoint
+    from dms_megatron.checkpoint import TRACKER, latest_iteration, load_checkpoint, save_checkpoint
 
     model, ddp, opt, sched = _setup()
     save_checkpoint(tmp_path, 1, ddp, opt, sched)
@@ -114,7 +114,7 @@ def test_failed_save_leaves_previous_checkpoint_current(megatron_single, tmp_pat
 
 
 def test_partial_or_corrupt_checkpoints_are_refused(megatron_single, tmp_path):
-    from dms_megatron.training.checkpointing import TRACKER, CheckpointError, load_checkpoint, \
+    from dms_megatron.checkpoint import TRACKER, CheckpointError, load_checkpoint, \
         load_model_weights, save_checkpoint
 
     model, ddp, opt, sched = _setup()
@@ -142,7 +142,7 @@ def test_partial_or_corrupt_checkpoints_are_refused(megatron_single, tmp_path):
 def test_stock_checkpoint_initialises_adapter_student(megatron_single, tmp_path):
     from dms_megatron.config import DMSConfig
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.training.checkpointing import CheckpointError, load_model_weights, save_checkpoint
+    from dms_megatron.checkpoint import CheckpointError, load_model_weights, save_checkpoint
 
     torch.manual_seed(SEED_A)
     stock = build_gpt_model(tiny_model_config(), None, seq_length=TINY_SEQ)
@@ -169,16 +169,16 @@ def test_stock_checkpoint_initialises_adapter_student(megatron_single, tmp_path)
 def test_teacher_sanity_check_rejects_empty_or_nonfinite_weights(megatron_single):
     from dms_megatron.config import ConfigError
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.training.loop import _check_teacher
+    from dms_megatron.training.weights import check_teacher
 
     model = build_gpt_model(tiny_model_config(), None, seq_length=TINY_SEQ)
-    _check_teacher(model)
+    check_teacher(model)
     with torch.no_grad():
         model.embedding.word_embeddings.weight.zero_()
     with pytest.raises(ConfigError, match="constant after loading"):
-        _check_teacher(model)
+        check_teacher(model)
     with torch.no_grad():
         model.embedding.word_embeddings.weight.normal_()
         model.output_layer.weight[0, 0] = float("nan")
     with pytest.raises(ConfigError, match="output_layer.weight has NaN/inf"):
-        _check_teacher(model)
+        check_teacher(model)

@@ -9,7 +9,7 @@ from dms_megatron.config import ConfigError, DMSConfig, ModelConfig, from_dict
     ({"window": 0}, "dms.window=0"),
     ({"tau": 0.0}, "dms.tau=0.0"),
     ({"tau": -1}, "dms.tau"),
-    ({"backend": "triton"}, "allowed values: dense, flex"),
+    ({"backend": "cuda-graph"}, "allowed values: auto, dense, flex"),
     ({"alpha_source": "mlp"}, "allowed values: qneuron, adapter"),
     ({"alpha_per": "token"}, "allowed values: head, layer"),
     ({"final_cr": 0.5}, "dms.final_cr"),
@@ -41,7 +41,48 @@ def test_from_dict_rejects_unknown_keys():
     assert from_dict(DMSConfig, {"window": 3}).window == 3
 
 
-def test_defaults_are_valid():
-    assert DMSConfig().window == 16
-    m = ModelConfig()
-    assert m.kv_channels == 32 and m.padded_vocab_size % 128 == 0
+def test_sequence_parallel_needs_tensor_parallel():
+    from dms_megatron.config import ParallelConfig
+
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel=true needs parallel.tp > 1"):
+        ParallelConfig(tp=1, sequence_parallel=True)
+    assert ParallelConfig(tp=2, sequence_parallel=True).world_size == 2
+
+
+def test_batch_must_split_over_data_parallel_ranks_and_positions_must_fit():
+    from dms_megatron.config import ParallelConfig, RefitConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"multiple of train.micro_batch_size \* data-parallel size = 8 \* 2"):
+        RefitConfig(parallel=ParallelConfig(nproc_per_node=2))
+    assert RefitConfig(parallel=ParallelConfig(nproc_per_node=2), train=TrainConfig(micro_batch_size=4)).parallel.dp == 2
+    with pytest.raises(ConfigError, match="train.seq_length=512 exceeds model.max_position_embeddings=256"):
+        RefitConfig(train=TrainConfig(seq_length=512))
+
+
+def test_nested_from_dict_names_the_section_of_an_unknown_key():
+    from dms_megatron.config import RefitConfig
+
+    with pytest.raises(ConfigError, match=r"\['train.train_iters'\]"):
+        RefitConfig.from_dict({"train": {"train_iters": 3}})
+
+
+def test_hydra_defaults_are_the_dataclass_defaults():
+    """Each default lives once, in the dataclasses: the default YAML groups override nothing, so composing
+    ``refit`` / ``eval`` without overrides gives exactly the dataclasses' defaults (only eval's students log to
+    metrics.jsonl alone, an override the eval config states)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dms_megatron.config import RefitConfig
+    from dms_megatron.eval.config import EvalConfig
+    from dms_megatron.launch.hydra_cli import CONFIG_DIR, register_schema
+
+    register_schema("refit_schema", RefitConfig)
+    register_schema("eval_schema", EvalConfig)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        refit = OmegaConf.to_container(compose(config_name="refit"), resolve=True)
+        ev = OmegaConf.to_container(compose(config_name="eval"), resolve=True)
+    assert RefitConfig.from_dict(refit) == RefitConfig()
+    expected = EvalConfig()
+    expected.refit.logging.wandb = False
+    assert EvalConfig.from_dict(ev) == expected

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import transformers.models.llama.modeling_llama  # noqa: F401  (imported before megatron's CPU compat layer)
 from convert_fixtures import HF_DIVISIBLE_BY, make_hf_model, save_hf_model
 
-from dms_megatron.convert.cli import main
+from dms_megatron.launch.convert import main
 from dms_megatron.convert.hf_io import ConversionError, SafetensorsReader
 
 WEIGHTS = "model.safetensors"
@@ -122,7 +122,7 @@ def test_export_of_missing_checkpoint_and_dms_format_of_plain_model(megatron_sin
 
 
 def test_failure_mid_export_leaves_nothing_behind(megatron_single, tmp_path, hf_dir, monkeypatch):
-    import dms_megatron.convert.cli as cli
+    import dms_megatron.convert.workflows as cli
 
     assert main(["import", "--hf-model", str(hf_dir), "--megatron-path", str(tmp_path / "meg"),
                  "--make-vocab-size-divisible-by", str(HF_DIVISIBLE_BY)]) == 0

@@ -32,7 +32,7 @@ _MEASURE = """
 import resource, runpy, sys
 sys.argv = ["dms-convert"] + sys.argv[1:]
 try:
-    runpy.run_module("dms_megatron.convert.cli", run_name="__main__")
+    runpy.run_module("dms_megatron.launch.convert", run_name="__main__")
 except SystemExit as e:
     if e.code:
         raise

@@ -19,7 +19,7 @@ LONG_SEQ = 1024         # relative distances at which llama3 RoPE scaling change
 
 
 def _convert(tmp_path, hf_model, dms_cfg=None):
-    from dms_megatron.convert.cli import load_hf_into_model, read_hf_model
+    from dms_megatron.convert.hf_model import load_hf_into_model, read_hf_model
     from dms_megatron.megatron.model import build_gpt_model
 
     save_hf_model(hf_model, tmp_path / "hf")
@@ -70,7 +70,7 @@ def test_llama3_rope_scaling_is_carried_over(megatron_single, tmp_path):
 @pytest.mark.parametrize("source", ["qneuron", "adapter"])
 def test_dms_teacher_mode_logits_equal_transformers(megatron_single, tmp_path, family, source):
     """A DMS model in teacher mode, initialised from the HF weights, computes the original model."""
-    from dms_megatron.convert.cli import load_hf_into_model, read_hf_model
+    from dms_megatron.convert.hf_model import load_hf_into_model, read_hf_model
     from dms_megatron.megatron.model import build_gpt_model
 
     hf = make_hf_model(family)
@@ -78,10 +78,13 @@ def test_dms_teacher_mode_logits_equal_transformers(megatron_single, tmp_path, f
     fam, mc, _, _, reader, _ = read_hf_model(tmp_path / "hf", divisible_by=HF_DIVISIBLE_BY)
     stock = build_gpt_model(mc, None, seq_length=16)
     load_hf_into_model(stock, reader, fam, mc, None)
-    teacher = build_gpt_model(mc, DMSConfig(window=4, alpha_source=source, teacher_mode=True), seq_length=16)
+    from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
+
+    teacher = build_gpt_model(mc, DMSConfig(window=4, alpha_source=source), seq_length=16)
     missing, unexpected = teacher.load_state_dict(stock.state_dict(), strict=False)
     assert not unexpected and all("dms_alpha" in k for k in missing)
-    ours, ref = _logits(teacher.eval(), hf)
+    with dms_forward(teacher, DMSRuntime(mode="teacher")):
+        ours, ref = _logits(teacher.eval(), hf)
     assert torch.allclose(ours[..., :HF_VOCAB], ref, atol=ATOL, rtol=0)
 
 

@@ -17,7 +17,7 @@ from convert_fixtures import HF_DIVISIBLE_BY, HF_HIDDEN, HF_KV_HEADS, HF_LAYERS,
     save_hf_model, tokens
 
 from dms_megatron.config import DMSConfig
-from dms_megatron.convert.cli import main
+from dms_megatron.launch.convert import main
 
 REPO = Path(__file__).resolve().parents[1]
 DMS_WINDOW = 8
@@ -82,9 +82,9 @@ def _save_student(meg_dir, student_dir, dms_cfg, iterations):
     """A DMS student checkpoint as the trainer writes it: teacher weights + (random) adapter, configs in extra."""
     from dataclasses import asdict
 
-    from dms_megatron.convert.cli import read_checkpoint_configs
+    from dms_megatron.checkpoint import read_checkpoint_configs
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.training.checkpointing import load_model_weights, save_checkpoint
+    from dms_megatron.checkpoint import load_model_weights, save_checkpoint
 
     mc, _, extra = read_checkpoint_configs(meg_dir)
     student = build_gpt_model(mc, dms_cfg, seq_length=16)
@@ -138,7 +138,7 @@ def test_dms_export_matches_official_qwen3_dms_format(megatron_single, tmp_path)
 
     # DMS HF -> megatron: the DMS config and adapter tensors come back
     _import(tmp_path / "dms", tmp_path / "meg2")
-    from dms_megatron.convert.cli import read_checkpoint_configs
+    from dms_megatron.checkpoint import read_checkpoint_configs
 
     _, dms_back, _ = read_checkpoint_configs(tmp_path / "meg2")
     assert (dms_back.window, dms_back.alpha_source, dms_back.final_cr) == (DMS_WINDOW, "adapter", DMS_FINAL_CR)
@@ -161,7 +161,7 @@ def _run_cli(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "dms_megatron.convert.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dms_megatron.launch.convert", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -90,32 +90,93 @@ def test_gpt_dataset_masks_eos_predictions(tmp_path):
             assert m == (0.0 if t == eos else 1.0)
 
 
-def test_recall_examples_state_each_answer_once(tok):
-    from dms_megatron.data.recall import RecallSpec, RecallTask
+def _parse(task, toks):
+    """Independent reading of an example: statements (key -> (value, position)) and questions (key, answer pos)."""
+    stated, asked = {}, []
+    for i in range(len(toks) - 2):
+        if toks[i] == task.kv:
+            stated[toks[i + 1]] = (toks[i + 2], i + 2)
+        if toks[i] == task.q:
+            asked.append((toks[i + 1], i + 2))
+    return stated, asked
+
+
+def test_mqar_examples_ask_every_stated_key_after_the_statements(tok):
+    from dms_megatron.data.recall import TASKS, RecallTask, filler_from
     from dms_megatron.data.tokenizer import load_tokenizer
 
     t = load_tokenizer(tok)
-    task = RecallTask(t, RecallSpec(num_pairs=4, value_len=2, num_queries=2))
-    filler = list(range(40, 80))
-    a = task.example(random.Random(3), filler)
-    assert a == task.example(random.Random(3), filler)  # deterministic
-    toks, answers = a
-    kv_end = 1 + 4 * 3
-    for plen, ans in answers:
-        key = toks[plen - 1]
-        pos = toks.index(key)  # the key's statement in the pair block
-        assert pos < kv_end and toks[pos + 1:pos + 3] == ans and toks[kv_end:kv_end + len(filler)] == filler
-        assert toks.count(key) == 2  # stated once, asked once
-    item = task.eval_item(random.Random(4), filler)
-    assert item["prompt_ids"][-2] == task.q and item["prompt_ids"][-1] in task.keys
-    assert len(item["answer_ids"]) == 2
+    task = RecallTask(t, TASKS["mqar"])
+    text = list(range(60, 300))  # plain-text stand-in: no task symbols
+    for seed in range(20):
+        toks, answers = task.example(random.Random(seed), filler_from(text)(random.Random(seed)))
+        again = task.example(random.Random(seed), filler_from(text)(random.Random(seed)))
+        assert (toks, answers) == again  # deterministic in the seed
+        stated, asked = _parse(task, toks)
+        lo, hi = TASKS["mqar"].pairs
+        assert lo <= len(stated) <= hi and len(set(v for v, _ in stated.values())) == len(stated)  # distinct values
+        assert sorted(k for k, _ in asked) == sorted(stated)  # every stated key asked exactly once
+        assert [p for _, p in asked] == answers
+        for key, p in asked:
+            value, where = stated[key]
+            assert toks[p] == value and where < p - 2  # the answer is the value stated for that key, earlier
+            assert p - where > TASKS["mqar"].tail[0]  # and at least the tail filler away
+        assert len(toks) <= TASKS["mqar"].longest() <= 256
 
 
-def test_score_recall_exact_match(tmp_path):
-    from dms_megatron.data.recall import score_recall, write_eval
+def test_recall_items_are_one_length_and_end_with_their_last_answer(tok):
+    from dms_megatron.data.recall import TASKS, RecallTask, filler_from
+    from dms_megatron.data.tokenizer import load_tokenizer
 
-    write_eval(tmp_path / "e.jsonl", [{"prompt_ids": [1, 2], "answer_ids": [3, 4]},
-                                      {"prompt_ids": [1, 5], "answer_ids": [6, 7]}])
-    assert score_recall(lambda prompts, n: [[3, 4], [6, 0]], tmp_path / "e.jsonl") == 0.5
+    t = load_tokenizer(tok)
+    rng = random.Random(0)
+    filler = filler_from(list(range(60, 300)))(rng)
+    for name in ("mqar", "single"):
+        task = RecallTask(t, TASKS[name])
+        for _ in range(10):
+            it = task.item(rng, filler, 256)
+            assert len(it["ids"]) == 256 and it["answers"][-1] == 255
+            stated, asked = _parse(task, it["ids"])
+            assert [p for _, p in asked] == it["answers"]
+        if name == "single":
+            assert list(stated) == [task.keys[0]]  # the fixed marker key
+
+
+def test_recall_documents_keep_whole_examples_inside_the_window(tok):
+    from dms_megatron.data.recall import TASKS, RecallTask, filler_from
+    from dms_megatron.data.tokenizer import load_tokenizer
+
+    task = RecallTask(load_tokenizer(tok), TASKS["mqar"])
+    rng = random.Random(1)
+    filler = filler_from(list(range(60, 300)))(rng)
+    fronts = set()
+    for _ in range(30):
+        toks, answers = task.document(rng, filler, 257)
+        stated, asked = _parse(task, toks)
+        assert len(toks) == 257 and [p for _, p in asked] == answers and len(answers) == len(stated)
+        fronts.add(toks.index(task.kv))
+    assert len(fronts) > 10  # the example sits at varying offsets
+
+
+def test_answer_accuracy_and_item_file_errors(tmp_path):
+    from dms_megatron.data.recall import answer_accuracy, read_items, write_items
+
+    items = [{"ids": [1, 2, 3, 4], "answers": [2, 3]}, {"ids": [5, 6, 7], "answers": [2]}]
+    # predictions[i][p - 1] predicts ids[p]
+    assert answer_accuracy(items, [[0, 3, 4, 0], [0, 0, 0]]) == pytest.approx(2 / 3)
+    write_items(tmp_path / "e.jsonl", items)
+    assert read_items(tmp_path / "e.jsonl") == items
     with pytest.raises(FileNotFoundError):
-        score_recall(lambda p, n: [], tmp_path / "missing.jsonl")
+        read_items(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"ids": [1, 2], "answers": [5]}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not a recall item"):
+        read_items(tmp_path / "bad.jsonl")
+
+
+def test_corpus_split_is_by_file_and_disjoint():
+    from dms_megatron.data.corpus import split_of, stdlib_files
+
+    train, held = set(stdlib_files("train")), set(stdlib_files("heldout"))
+    assert train and held and not train & held
+    assert 0.02 < len(held) / (len(train) + len(held)) < 0.1
+    assert split_of("json/decoder.py") == split_of("json/decoder.py")  # a pure function of the relative path

@@ -1,6 +1,7 @@
 """``dms-dryrun``: rank layout, memory estimate and tokens per step of a config without starting anything; bad
 layouts fail in one line before any process group (``dms-refit`` too)."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -15,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(parallel="h100_256", model="qwen3-8b", train="paper", dms="paper"):
-    from dms_megatron.training.config import RefitConfig
+    from dms_megatron.config import RefitConfig
 
     d = {"parallel": parallel, "model": model, "train": train, "dms": dms}
-    return RefitConfig.from_dict({k: yaml.safe_load((ROOT / "configs" / k / f"{v}.yaml").read_text())
+    return RefitConfig.from_dict({k: yaml.safe_load((ROOT / "dms_megatron" / "configs" / k / f"{v}.yaml").read_text())
                                   for k, v in d.items()})
 
 
@@ -37,9 +38,10 @@ def test_h100_layout_groups_tokens_and_parameter_count():
     assert 8.1e9 < total < 8.3e9  # Qwen3-8B: 8.2B parameters (model card)
     # one GPU of the busiest stage holds about 1/16 of the model (plus a vocabulary shard)
     assert total / 16 < stage_params(mc, None, 8, 2) < total / 16 * 1.1
-    text = describe(cfg)
+    text, fits = describe(cfg)
     assert "tp=8 pp=2 dp=16" in text and "1,048,576 tokens per step" in text
-    assert "[0, 128]" in text and "teacher copy" in text and "Adam moments" in text
+    assert "[0, 128]" in text and "teacher copy" in text and "Adam moments + fp32 main params" in text
+    assert "bf16 parameters" in text and fits and "fits a 80 GiB GPU" in text
 
 
 def _run(module, *args):
@@ -64,13 +66,29 @@ def test_dry_run_command_prints_layout_and_refit_refuses_bad_layout_in_one_line(
 
 @pytest.mark.parametrize("override,needle", [
     ("parallel.pp=3", "parallel.pp=3 does not divide model.num_layers=4"),
-    ("parallel.nproc_per_node=6", "world size 6 is not a multiple of parallel.tp * parallel.pp = 2 * 2 = 4"),
+    ("parallel.nproc_per_node=6", "world size 6 (parallel.nnodes * parallel.nproc_per_node) is not a multiple of "
+                                  "parallel.tp * parallel.pp = 4"),
 ])
 def test_dry_run_bad_layouts(override, needle):
     from dms_megatron.launch.dry_run import main
 
     args = ["parallel=tp2pp2", override]
     buf = io.StringIO()
-    with redirect_stderr(buf):
-        rc = main(args)
-    assert rc == 2 and needle in buf.getvalue() and buf.getvalue().count("\n") == 1
+    with redirect_stderr(buf), pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and needle in buf.getvalue() and buf.getvalue().count("\n") == 1
+
+
+def test_dry_run_says_when_a_layout_does_not_fit_and_counts_bf16_and_the_distributed_optimizer():
+    from dms_megatron.launch.dry_run import describe, estimate
+
+    base = _cfg()
+    long = dataclasses.replace(base, train=dataclasses.replace(base.train, seq_length=40960, micro_batch_size=8))
+    text, fits = describe(long)
+    assert not fits and "DOES NOT FIT a 80 GiB GPU" in text and "train.distributed_optimizer=true" in text
+    # bf16 parameters are half of fp32's; the distributed optimizer divides the optimizer state by dp (16)
+    fp32 = dataclasses.replace(base, train=dataclasses.replace(base.train, precision="fp32"))
+    assert estimate(fp32, 16).student_params == 2 * estimate(base, 16).student_params
+    dist = dataclasses.replace(base, train=dataclasses.replace(base.train, distributed_optimizer=True))
+    assert estimate(dist, 16).optimizer * 16 == pytest.approx(estimate(base, 16).optimizer, rel=1e-6)
+    assert describe(base, gpu_memory_gib=1)[1] is False

@@ -40,7 +40,7 @@ def test_streaming_equals_one_full_prefill_and_counts_reads(assets):
     model = load_megatron(assets["teacher"])
     torch.manual_seed(0)
     seqs = torch.randint(0, 200, (3, 20))
-    _, summ, logits = stream(Engine(model), seqs.tolist(), keep_logits=True)
+    summ, logits = stream(Engine(model), seqs.tolist(), keep_logits=True)
     for i in range(3):
         eng = Engine(model)
         s = eng.new_session(1)
@@ -53,27 +53,30 @@ def test_streaming_equals_one_full_prefill_and_counts_reads(assets):
 
 def test_answer_residency_follows_what_each_press_keeps(assets):
     """Hand-worked: StreamingLLM with 2 sinks and budget 6 holds positions {0, 1} and the 4 most recent ones, so an
-    answer stated at position 1 stays resident in every layer and head, one stated at position 5 of a 20-token
-    prompt does not; a full cache holds both. The accuracy split by layer-0 residency covers every question."""
+    answer stated at position 1 is resident in every layer and head when asked at position 20, one stated at
+    position 5 is not; a full cache holds both. The accuracy split by residency covers every answer."""
     from dms_megatron.eval.harness import recall_metrics, stated_position
     from dms_megatron.inference.engine import Engine
     from dms_megatron.inference.loading import load_megatron
     from dms_megatron.inference.press import make_press
 
-    assert stated_position([7, 3, 9, 3, 9], [3, 9]) == 1 and stated_position([7, 3], [9]) is None
+    assert stated_position([7, 3, 9, 3, 9], 4) == 2 and stated_position([7, 3, 9], 2) is None
     model = load_megatron(assets["teacher"])
     layers = model.cfg.num_layers
-    prompt = list(range(10, 30))  # 20 distinct tokens
-    items = [{"prompt_ids": prompt, "answer_ids": [prompt[1]]}, {"prompt_ids": prompt, "answer_ids": [prompt[5]]}]
+    prompt = list(range(10, 30))  # 20 distinct tokens; the 21st repeats one of them (the "answer")
+    items = [{"ids": prompt + [prompt[1]], "answers": [20]}, {"ids": prompt + [prompt[5]], "answers": [20]}]
     sl = recall_metrics(Engine(model, make_press("streamingllm", budget=6, sinks=2)), items[:1])
     assert sl["answer_resident"] == [1.0] * layers
     sl = recall_metrics(Engine(model, make_press("streamingllm", budget=6, sinks=2)), items[1:])
     assert sl["answer_resident"] == [0.0] * layers
-    assert sl["recall_acc_by_layer0"]["held"] is None and sl["recall_acc_by_layer0"]["dropped"] is not None
+    split = sl["recall_acc_by_residency"]
+    assert split["any_layer"]["held"] is None and split["any_layer"]["dropped"] is not None
+    assert split["layer0"]["held"] is None and len(split) == layers + 1
     full = recall_metrics(Engine(model), items)
-    assert full["answer_resident"] == [1.0] * layers and full["recall_acc_by_layer0"]["dropped"] is None
-    # a prompt that never states its answer: no residency figures (rather than wrong ones)
-    assert "answer_resident" not in recall_metrics(Engine(model), [{"prompt_ids": prompt, "answer_ids": [5]}])
+    assert full["answer_resident"] == [1.0] * layers and full["recall_acc_by_residency"]["any_layer"]["dropped"] is None
+    assert full["answers"] == 2 and full["items"] == 2
+    # an answer never stated before: no residency figures (rather than wrong ones)
+    assert "answer_resident" not in recall_metrics(Engine(model), [{"ids": prompt + [5], "answers": [20]}])
 
 
 def _launch(args, env_extra=None, timeout=900):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from convert_fixtures import make_hf_model, save_hf_model
-from dms_megatron.inference.cli import main
+from dms_megatron.launch.generate import main
 
 NEW_TOKENS = 5
 DMS_KEYS = {"dms_window_size": 3, "dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 5.0, "dms_cr": 8,

@@ -19,7 +19,7 @@ ATOL = 5e-5
 @pytest.mark.parametrize("family,source", [("llama", "adapter"), ("qwen3", "qneuron")])
 def test_megatron_hard_mode_equals_engine(megatron_single, family, source):
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.megatron.runtime import DMSRuntime, attach_runtime
+    from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
     extra = {"qwen3": {"family": "qwen3", "qk_layernorm": True}}.get(family, {})
     cfg = tiny_model_config(**extra)
@@ -32,8 +32,7 @@ def test_megatron_hard_mode_equals_engine(megatron_single, family, source):
                 p.normal_(0, 0.05)   # zero-initialised adapter evicts nothing
     ids = torch.randint(0, TINY_VOCAB, (1, TINY_SEQ), generator=torch.Generator().manual_seed(1))
     rt = DMSRuntime(mode="hard")
-    attach_runtime(meg, rt)
-    with torch.no_grad():
+    with torch.no_grad(), dms_forward(meg, rt):
         ref = meg(ids, torch.arange(TINY_SEQ)[None], None)[0, :, :TINY_VOCAB]
 
     model = from_megatron(meg.state_dict(), cfg, dms)

@@ -45,8 +45,8 @@ def _merge(dumps: list) -> dict:
 
 def _load_one_rank(d, ckpt):
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.training.checkpointing import load_checkpoint
-    from dms_megatron.training.config import RefitConfig
+    from dms_megatron.checkpoint import load_checkpoint
+    from dms_megatron.config import RefitConfig
     from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
     cfg = RefitConfig.from_dict(d)
@@ -64,7 +64,7 @@ def _same(a: dict, b: dict):
 
 
 def test_checkpoint_reshards_between_tp2pp2_and_one_rank(assets, tmp_path):
-    from dms_megatron.training.checkpointing import CheckpointError
+    from dms_megatron.checkpoint import CheckpointError
 
     adapter = dict(alpha_source="adapter")
     d1, d4 = _cfg_dict(assets, steps=2, **adapter), _cfg_dict(assets, tp=2, pp=2, steps=2, **adapter)

@@ -14,7 +14,7 @@ V, VOCAB = 12, 10  # padded vocabulary 12 (6 per rank), real vocabulary 10: rank
 def _kl_worker(rank, world, port, out):
     import torch.distributed as dist
 
-    from dms_megatron.training.parallel_loss import vocab_parallel_kd_loss
+    from dms_megatron.megatron.parallel_loss import vocab_parallel_kd_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -59,7 +59,7 @@ def test_vocab_parallel_kl_matches_full_vocab_loss_and_gradient():
 
 
 def test_pipeline_message_carries_fraction_sums_and_their_gradient():
-    from dms_megatron.training.parallel_loss import pack_stage_output, unpack_stage_input
+    from dms_megatron.megatron.parallel_loss import pack_stage_output, unpack_stage_input
 
     hidden = torch.randn(4, 6, 8, requires_grad=True)  # student 3 + teacher 3
     carry = torch.tensor([0.25, 0.5, 1.0], requires_grad=True)

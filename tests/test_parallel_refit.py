@@ -42,8 +42,8 @@ def _cfg_dict(assets, tp=1, pp=1, steps=STEPS, sp=False, **dms):
 
 
 def _run_one_rank(d, run_dir):
-    from dms_megatron.training.config import RefitConfig
-    from dms_megatron.training.loop import run_refit
+    from dms_megatron.config import RefitConfig
+    from refit_fixtures import run_refit
 
     run_refit(RefitConfig.from_dict(d), run_dir, report=False, after_backward=dump_grads(run_dir))
     return run_dir
@@ -70,9 +70,9 @@ def _metrics(run_dir):
 
 def _weights(d, ckpt_dir, iteration=None):
     """Student tensors of a checkpoint, loaded (resharded) at tp = pp = 1 in this process."""
-    from dms_megatron.training.config import RefitConfig
+    from dms_megatron.config import RefitConfig
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.training.checkpointing import load_model_weights
+    from dms_megatron.checkpoint import load_model_weights
 
     cfg = RefitConfig.from_dict(d)
     m = build_gpt_model(cfg.model, cfg.dms, seq_length=cfg.train.seq_length)

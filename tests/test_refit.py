@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refit_fixtures import refit_dict, shared_assets
+from refit_fixtures import refit_dict, run_refit, shared_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E_STEPS = 30
@@ -24,12 +24,13 @@ def assets(tmp_path_factory, megatron_single):
     return shared_assets(tmp_path_factory, init_std=TEACHER_INIT_STD)
 
 
-def _worker(run_dir: Path, cfg: dict, env_extra=None):
+def _worker(run_dir: Path, cfg: dict, fault=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT / "tests"), **(env_extra or {}))
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT / "tests"))
     env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "dms_megatron.training.worker", "--run-dir", str(run_dir)],
+    extra = ["--inject-fault", fault] if fault else []
+    return subprocess.run([sys.executable, "-m", "dms_megatron.launch.worker", "--run-dir", str(run_dir), *extra],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -38,8 +39,7 @@ def _metrics(run_dir: Path):
 
 
 def test_short_refit_reaches_target_cr(assets, tmp_path):
-    from dms_megatron.training.config import RefitConfig
-    from dms_megatron.training.loop import run_refit
+    from dms_megatron.config import RefitConfig
 
     d = refit_dict(assets, steps=E2E_STEPS, save_interval=E2E_STEPS, eval_batches=4, lr=1e-3, min_lr=1e-4)
     d["dms"].update(final_cr=TARGET_CR, final_step=E2E_STEPS // 2)
@@ -61,11 +61,10 @@ def test_short_refit_reaches_target_cr(assets, tmp_path):
 def test_adapter_only_refit_changes_only_the_adapter(assets, tmp_path, source, mode):
     import torch
 
-    from dms_megatron.training.checkpointing import load_checkpoint
-    from dms_megatron.training.config import RefitConfig
-    from dms_megatron.training.loop import run_refit
+    from dms_megatron.checkpoint import load_checkpoint
+    from dms_megatron.config import RefitConfig
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.training.checkpointing import load_model_weights
+    from dms_megatron.checkpoint import load_model_weights
 
     d = refit_dict(assets, steps=3, save_interval=3, mode=mode)
     d["dms"]["alpha_source"] = source
@@ -84,7 +83,7 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
     cfg = refit_dict(assets, steps=8, save_interval=3)
     full = _worker(tmp_path / "full", cfg)
     assert full.returncode == 0, full.stderr[-2000:]
-    killed = _worker(tmp_path / "killed", cfg, {"DMS_FAULT_INJECT": "kill@5"})
+    killed = _worker(tmp_path / "killed", cfg, fault="kill@5")
     assert killed.returncode == -9
     assert [m["step"] for m in _metrics(tmp_path / "killed")] == [1, 2, 3, 4, 5]
     resumed = _worker(tmp_path / "killed", cfg)
@@ -101,7 +100,7 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
     cfg = refit_dict(assets, steps=8, save_interval=2)
-    r = _worker(tmp_path, cfg, {"DMS_FAULT_INJECT": "nan@5"})
+    r = _worker(tmp_path, cfg, fault="nan@5")
     assert r.returncode == 3
     assert "loss is nan at step 4" in r.stderr
     assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "4"
@@ -141,7 +140,7 @@ def assets_vocab(assets):
 
 
 def test_corrupt_checkpoint_is_refused(assets, tmp_path):
-    from dms_megatron.training.checkpointing import CheckpointError, resolve_checkpoint
+    from dms_megatron.checkpoint import CheckpointError, resolve_checkpoint
 
     cfg = refit_dict(assets, steps=3, save_interval=3)
     assert _worker(tmp_path, cfg).returncode == 0

@@ -40,7 +40,7 @@ def test_checkpoints_cross_load_between_merged_and_factory_layouts(megatron_sing
     from megatron.core import dist_checkpointing
 
     from dms_megatron.megatron.sharding import merge_swiglu_factories
-    from dms_megatron.training.checkpointing import _use_in_process_results_queue
+    from dms_megatron.checkpoint.store import _use_in_process_results_queue
 
     _use_in_process_results_queue()
     src, dst = _model(0), _model(1)

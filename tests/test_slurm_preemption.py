@@ -29,7 +29,7 @@ def _start_worker(run_dir: Path, cfg: dict) -> subprocess.Popen:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     env.pop("RANK", None)
-    return subprocess.Popen([sys.executable, "-m", "dms_megatron.training.worker", "--run-dir", str(run_dir)],
+    return subprocess.Popen([sys.executable, "-m", "dms_megatron.launch.worker", "--run-dir", str(run_dir)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -58,7 +58,7 @@ def _catches(pid: int, sig) -> bool:
 
 def _preempt(run: Path, cfg: dict, sig, after: int) -> int:
     """Start the worker, send ``sig`` once step ``after`` is logged; returns the checkpointed stop step."""
-    from dms_megatron.training.checkpointing import latest_iteration
+    from dms_megatron.checkpoint import latest_iteration
     from dms_megatron.training.preemption import PREEMPTED_EXIT_CODE
 
     p = _start_worker(run, cfg)

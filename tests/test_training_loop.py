@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from refit_fixtures import shared_assets, refit_dict
+from refit_fixtures import refit_dict, run_refit, shared_assets
 
 STEPS = 4
 WARMUP = 1
@@ -22,7 +22,7 @@ def assets(tmp_path_factory, megatron_single):
 
 
 def _cfg(assets, **train):
-    from dms_megatron.training.config import RefitConfig
+    from dms_megatron.config import RefitConfig
 
     t = dict(steps=STEPS, warmup_steps=WARMUP, lr=LR, min_lr=MIN_LR, save_interval=100, eval_batches=1,
              recall_eval_limit=1, compression_weight=COMP_WEIGHT)
@@ -49,9 +49,8 @@ def _hand_kl(student_logits, teacher_logits, mask, direction):
 def test_first_step_loss_matches_hand_computation(assets, tmp_path, direction):
     from dms_megatron.data.indexed import build_gpt_datasets, collate
     from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.megatron.runtime import DMSRuntime, attach_runtime
-    from dms_megatron.training.checkpointing import load_model_weights
-    from dms_megatron.training.loop import run_refit
+    from dms_megatron.checkpoint import load_model_weights
+    from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
     cfg = _cfg(assets, kd_direction=direction)
     run_refit(cfg, tmp_path)
@@ -77,8 +76,8 @@ def test_first_step_loss_matches_hand_computation(assets, tmp_path, direction):
             b = collate([train_ds[i] for i in ids])
             valid = (b["loss_mask"] > 0) | (b["tokens"] == tok.eos_token_id)
             rt = DMSRuntime(mode="train", seed=t.seed, step=0, sample_ids=torch.tensor(ids), valid=valid)
-            attach_runtime(student, rt)
-            s = student(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
+            with dms_forward(student, rt):
+                s = student(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
             tl = teacher(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
             kds.append(_hand_kl(s, tl, b["loss_mask"].double(), direction))
             frac = torch.stack(list(rt.fractions.values())).mean(0)  # [b] mean over layers
@@ -91,8 +90,6 @@ def test_first_step_loss_matches_hand_computation(assets, tmp_path, direction):
 
 
 def test_logged_schedules_follow_hand_formulas(assets, tmp_path):
-    from dms_megatron.training.loop import run_refit
-
     run_refit(_cfg(assets), tmp_path)
     m = _metrics(tmp_path)
     assert [x["step"] for x in m] == list(range(1, STEPS + 1))
@@ -112,8 +109,6 @@ def test_logged_schedules_follow_hand_formulas(assets, tmp_path):
 
 
 def test_gradient_accumulation_equals_one_large_micro_batch(assets, tmp_path):
-    from dms_megatron.training.loop import run_refit
-
     run_refit(_cfg(assets, steps=2, micro_batch_size=2, global_batch_size=4), tmp_path / "accum")
     run_refit(_cfg(assets, steps=2, micro_batch_size=4, global_batch_size=4), tmp_path / "single")
     a, b = _metrics(tmp_path / "accum"), _metrics(tmp_path / "single")

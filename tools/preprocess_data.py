@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from dms_megatron.data.indexed import write_indexed
+from dms_megatron.data.tokenizer import load_tokenizer
+
 
 def iter_documents(paths, json_key):
     for p in paths:
@@ -46,9 +49,6 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int, default=None,
                     help="model vocabulary size: refuse a tokenizer with more tokens than this")
     args = ap.parse_args(argv)
-    from dms_megatron.data.indexed import write_indexed
-    from dms_megatron.data.tokenizer import load_tokenizer
-
     try:
         tok = load_tokenizer(args.tokenizer)
         if args.vocab_size is not None and len(tok) > args.vocab_size:

@@ -1,42 +1,13 @@
-"""Hugging Face <-> megatron-core checkpoint conversion (``dms-convert import`` / ``dms-convert export``).
+"""Hugging Face <-> megatron-core checkpoint conversion.
 
-mapping.py holds the transform vocabulary and engine, llama.py / qwen2.py / qwen3.py the per-family rules and
-config translation, hf_io.py streaming safetensors I/O, cli.py the workflows and the command line.
+mapping.py holds the transform vocabulary and engine; llama.py / qwen2.py / qwen3.py (one file per name in
+``config.FAMILIES``) the per-family rules and config translation; families.py the registry; hf_io.py streaming
+safetensors I/O; hf_model.py reading and validating a HF model dir and streaming it into a megatron model;
+workflows.py the import / export workflows (the ``dms-convert`` command is ``dms_megatron.launch.convert``).
 """
 
-from __future__ import annotations
-
+from dms_megatron.convert.families import FAMILY_SPECS, family_by_name, family_for_hf_config
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.mapping import FamilySpec
 
-
-def _families():
-    from dms_megatron.convert import llama, qwen2, qwen3
-
-    return {f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
-
-
-def family_by_name(name: str) -> FamilySpec:
-    fams = _families()
-    if name not in fams:
-        raise ConversionError(f"model family {name!r} has no conversion mapping; supported: {', '.join(fams)}")
-    return fams[name]
-
-
-def family_for_hf_config(hf: dict, source: str = "config.json") -> FamilySpec:
-    """The family of a HF config: by ``architectures`` (or ``model_type`` when absent, e.g. DMS exports)."""
-    fams = list(_families().values())
-    archs = hf.get("architectures") or []
-    for f in fams:
-        if f.architecture in archs:
-            return f
-    if not archs:
-        for f in fams:
-            if hf.get("model_type") == f.model_type:
-                return f
-    got = archs or hf.get("model_type")
-    raise ConversionError(f"{source}: unknown architecture {got!r}; supported: "
-                          f"{', '.join(f.architecture for f in fams)}")
-
-
-__all__ = ["ConversionError", "FamilySpec", "family_by_name", "family_for_hf_config"]
+__all__ = ["ConversionError", "FamilySpec", "FAMILY_SPECS", "family_by_name", "family_for_hf_config"]

@@ -91,7 +91,7 @@ class SafetensorsReader:
     def __init__(self, directory) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise ConversionError(f"--hf-model {self.directory} is not a directory")
+            raise ConversionError(f"{self.directory} is not a directory (a Hugging Face model directory was expected)")
         index = self.directory / INDEX_NAME
         single = self.directory / SINGLE_NAME
         self.infos: Dict[str, TensorInfo] = {}
@@ -232,7 +232,7 @@ def read_config(directory) -> dict:
     """The HF ``config.json`` of ``directory`` as a dict; ConversionError naming the file if absent or corrupt."""
     p = Path(directory) / "config.json"
     if not p.is_file():
-        raise ConversionError(f"{p} does not exist: --hf-model must be a Hugging Face model directory")
+        raise ConversionError(f"{p} does not exist: not a Hugging Face model directory")
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:

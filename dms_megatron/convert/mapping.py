@@ -19,8 +19,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from dms_megatron.config import ModelConfig
+from dms_megatron.config import DMSConfig, ModelConfig
 from dms_megatron.convert.hf_io import ConversionError, PlannedTensor
+from dms_megatron.core.rope import LLAMA3_ROPE
 
 # symbolic dimension -> ModelConfig-derived size
 DIMS: Dict[str, Callable[[ModelConfig], int]] = {
@@ -254,82 +255,6 @@ def tp_shard(t: torch.Tensor, kind: str, tp: int, rank: int) -> torch.Tensor:
     raise ValueError(f"unknown tensor-parallel split {kind!r}")
 
 
-def tp_merge(shards: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
-    """Inverse of ``tp_shard`` over all ranks."""
-    if len(shards) == 1 or kind == TP_REPLICATED:
-        return shards[0]
-    if kind == TP_ROWS:
-        return torch.cat(list(shards), dim=0)
-    if kind == TP_COLS:
-        return torch.cat(list(shards), dim=1)
-    if kind == TP_GATED:
-        halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
-    raise ValueError(f"unknown tensor-parallel split {kind!r}")
-
-
-def check_tp_divisible(bound: Sequence[BoundRule], full_shapes: Dict[str, Tuple[int, ...]], tp: int) -> None:
-    for b in bound:
-        shape = full_shapes[b.megatron]
-        kind = b.rule.tp
-        dim = {TP_ROWS: 0, TP_GATED: 0, TP_COLS: 1}.get(kind)
-        if dim is not None and shape[dim] % (tp * (2 if kind == TP_GATED else 1)):
-            raise ConversionError(f"{b.megatron} {list(shape)} cannot be split over --tp {tp} along dim {dim}")
-
-
-def rank_state_dict(full: Dict[str, torch.Tensor], bound: Sequence[BoundRule], cfg: ModelConfig, *, tp: int,
-                    pp: int, tp_rank: int, pp_rank: int) -> Dict[str, torch.Tensor]:
-    """The megatron state dict of rank (tp_rank, pp_rank) from the full (tp=1, pp=1) one: layers renumbered to the
-    stage's local index, tensors split over tp. With tied embeddings and pp > 1 the last stage holds its own copy of
-    the word embeddings as ``output_layer.weight`` (megatron keeps the two in sync)."""
-    layers = pp_layer_range(cfg, pp, pp_rank)
-    first, last = pp_rank == 0, pp_rank == pp - 1
-    out: Dict[str, torch.Tensor] = {}
-    for b in bound:
-        name = b.megatron
-        if b.layer is not None:
-            if b.layer not in layers:
-                continue
-            name = name.replace(f"layers.{b.layer}.", f"layers.{b.layer - layers.start}.", 1)
-        elif name.startswith("embedding.") and not first:
-            continue
-        elif not name.startswith("embedding.") and not last:
-            continue
-        out[name] = tp_shard(full[b.megatron], b.rule.tp, tp, tp_rank)
-    if cfg.tie_embeddings and pp > 1 and last:
-        emb = next(b for b in bound if b.megatron.startswith("embedding.word_embeddings"))
-        out["output_layer.weight"] = tp_shard(full[emb.megatron], emb.rule.tp, tp, tp_rank)
-    return out
-
-
-def merge_rank_state_dicts(per_rank: Dict[Tuple[int, int], Dict[str, torch.Tensor]], bound: Sequence[BoundRule],
-                           cfg: ModelConfig, *, tp: int, pp: int) -> Dict[str, torch.Tensor]:
-    """Inverse of ``rank_state_dict``: the full state dict from every (tp_rank, pp_rank)'s local one."""
-    full: Dict[str, torch.Tensor] = {}
-    for b in bound:
-        if b.layer is not None:
-            stage = b.layer // (cfg.num_layers // pp)
-            local = b.megatron.replace(f"layers.{b.layer}.",
-                                       f"layers.{b.layer - pp_layer_range(cfg, pp, stage).start}.", 1)
-        else:
-            stage = 0 if b.megatron.startswith("embedding.") else pp - 1
-            local = b.megatron
-        shards = []
-        for r in range(tp):
-            sd = per_rank[(r, stage)]
-            if local not in sd:
-                raise ConversionError(f"rank tp={r} pp={stage} has no tensor {local!r}")
-            shards.append(sd[local])
-        full[b.megatron] = tp_merge(shards, b.rule.tp)
-    return full
-
-
-__all__ = ["Rule", "BoundRule", "Transform", "Copy", "VocabPad", "FusedQKV", "GatedMLP", "bind_rules",
-           "validate_hf_tensors", "import_stream", "export_plan", "ExportProducer", "tp_shard", "tp_merge",
-           "rank_state_dict", "merge_rank_state_dicts", "pp_layer_range", "check_tp_divisible",
-           "TP_REPLICATED", "TP_ROWS", "TP_COLS", "TP_GATED", "DIMS"]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # families and the family-independent pieces (DMS adapter tensors, DMS config keys, shared HF config fields)
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,8 +307,6 @@ def dms_to_hf(dms) -> dict:
 
 def dms_from_hf(hf: dict):
     """The DMSConfig recorded in a DMS-format config.json, or None for a plain model."""
-    from dms_megatron.config import DMSConfig
-
     if "dms_window_size" not in hf:
         return None
     cr = float(hf.get("dms_cr", 1.0))
@@ -394,8 +317,6 @@ def dms_from_hf(hf: dict):
                      initial_cr=1.0, final_cr=max(cr, 1.0))
 
 
-# megatron-core's RotaryEmbedding._apply_scaling has these Llama-3 constants built in (only the factor is a parameter)
-MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def _require(hf: dict, key: str, where: str):
@@ -418,7 +339,7 @@ def rope_from_hf(hf: dict, where: str) -> dict:
         return out
     if rtype != "llama3":
         raise ConversionError(f"{where}: rope_scaling type {rtype!r} is not supported (only none and llama3)")
-    for k, v in MEGATRON_LLAMA3_ROPE.items():
+    for k, v in LLAMA3_ROPE.items():
         if float(scaling.get(k, v)) != v:
             raise ConversionError(f"{where}: rope_scaling.{k}={scaling.get(k)} differs from megatron-core's built-in "
                                   f"llama3 value {v}; this model cannot be represented exactly")
@@ -453,7 +374,7 @@ def common_to_hf(cfg: ModelConfig, spec_arch: str, model_type: str) -> dict:
     """config.json fields shared by the three families (legacy rope keys: read by transformers 4.x and 5.x)."""
     rope = None
     if cfg.rope_scaling == "llama3":
-        rope = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **MEGATRON_LLAMA3_ROPE}
+        rope = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **LLAMA3_ROPE}
     return {
         "architectures": [spec_arch], "model_type": model_type, "hidden_act": "silu",
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
@@ -463,3 +384,10 @@ def common_to_hf(cfg: ModelConfig, spec_arch: str, model_type: str) -> dict:
         "rope_theta": cfg.rotary_base, "rope_scaling": rope, "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_method_std, "attention_dropout": 0.0,
     }
+
+
+__all__ = ["Rule", "BoundRule", "Transform", "Copy", "VocabPad", "FusedQKV", "GatedMLP", "bind_rules",
+           "validate_hf_tensors", "import_stream", "export_plan", "ExportProducer", "tp_shard", "pp_layer_range",
+           "TP_REPLICATED", "TP_ROWS", "TP_COLS", "TP_GATED", "DIMS", "FamilySpec", "DMS_ADAPTER_RULES",
+           "DMS_AUTO_MAP", "dms_to_hf", "dms_from_hf", "rope_from_hf", "common_from_hf", "common_to_hf",
+           "IGNORED_HF_SUFFIXES"]

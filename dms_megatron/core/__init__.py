@@ -1,6 +1,6 @@
 """Pure DMS math: gating, masks, losses, schedules and attention kernels. No Megatron imports here."""
 
-from dms_megatron.core.attention import dense_dms_attention, flex_dms_attention
+from dms_megatron.core.attention import BACKENDS, dense_dms_attention, flex_dms_attention, resolve_backend
 from dms_megatron.core.gating import (
     apply_alpha_per,
     global_ids,
@@ -11,7 +11,8 @@ from dms_megatron.core.gating import (
     qneuron_decision_logits,
     zero_borrowed_neuron,
 )
-from dms_megatron.core.losses import compression_loss, cr_at_step, evicted_fraction, kd_loss, target_evicted_fraction
+from dms_megatron.core.losses import (compression_loss, cr_at_step, evicted_fraction, kd_loss, masked_token_mean,
+                                      target_evicted_fraction, token_kl)
 from dms_megatron.core.masks import (
     causal_bias,
     decisions_to_key_logits,
@@ -19,3 +20,5 @@ from dms_megatron.core.masks import (
     dms_soft_bias,
     eviction_visibility,
 )
+from dms_megatron.core.norms import rms_norm
+from dms_megatron.core.rope import LLAMA3_ROPE, apply_rope, rope_inv_freq

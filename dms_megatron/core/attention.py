@@ -139,5 +139,20 @@ def _compiled_flex():
 
 
 BACKENDS = {"dense": dense_dms_attention, "flex": flex_dms_attention}
+#: What ``backend="auto"`` means on each device: the fastest exact kernel there.
+AUTO_BACKEND = {"cpu": "dense", "cuda": "flex"}
 
-__all__ = ["dense_dms_attention", "flex_dms_attention", "BACKENDS"]
+
+def resolve_backend(name: str, device_type: str):
+    """(resolved name, kernel) for a configured backend name on ``device_type`` ("cpu" or "cuda")."""
+    if name == "auto":
+        if device_type not in AUTO_BACKEND:
+            raise ValueError(f"dms.backend=auto has no kernel for device type {device_type!r}; choose one of "
+                             f"{', '.join(BACKENDS)}")
+        name = AUTO_BACKEND[device_type]
+    if name not in BACKENDS:
+        raise ValueError(f"dms.backend={name!r} is unknown; allowed: auto, {', '.join(BACKENDS)}")
+    return name, BACKENDS[name]
+
+
+__all__ = ["dense_dms_attention", "flex_dms_attention", "BACKENDS", "AUTO_BACKEND", "resolve_backend"]

@@ -48,27 +48,38 @@ def compression_loss(frac: torch.Tensor, target: float) -> torch.Tensor:
     return (target - frac).clamp(min=0).mean()
 
 
+def token_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+             direction: str = "student_teacher") -> torch.Tensor:
+    """Per-token KL from log-probabilities [..., V] -> [...] (summed over the last dim, which may be one rank's
+    vocabulary shard). "student_teacher" = KL(student || teacher) = sum p_s (log p_s - log p_t) (the reference
+    implementation's choice); "teacher_student" = KL(teacher || student)."""
+    s, t = student_logprobs, teacher_logprobs
+    if direction == "student_teacher":
+        return (s.exp() * (s - t)).sum(-1)
+    if direction == "teacher_student":
+        return (t.exp() * (t - s)).sum(-1)
+    raise ValueError(f"direction={direction!r}: allowed values are 'student_teacher', 'teacher_student'")
+
+
+def masked_token_mean(per_token: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``per_token`` [...] over positions where ``loss_mask`` [...] is set (all when None; at least 1)."""
+    if loss_mask is None:
+        return per_token.mean()
+    m = loss_mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
             direction: str = "student_teacher") -> torch.Tensor:
     """Per-token KL divergence between student and teacher next-token distributions, averaged over tokens.
 
     student_logits, teacher_logits: [..., V]; loss_mask: bool/float [...] (False/0 = excluded, e.g. padding and
-    positions predicting from EOS) or None. direction: "student_teacher" = KL(student || teacher)
-    = sum p_s (log p_s - log p_t) (the reference implementation's choice); "teacher_student" = KL(teacher || student).
-    Returns a scalar: sum of masked per-token KL / number of unmasked tokens (at least 1).
+    positions predicting from EOS) or None. Returns a scalar: masked mean of ``token_kl``.
     """
     s = torch.log_softmax(student_logits.float(), dim=-1)
     t = torch.log_softmax(teacher_logits.float(), dim=-1)
-    if direction == "student_teacher":
-        tok = (s.exp() * (s - t)).sum(-1)
-    elif direction == "teacher_student":
-        tok = (t.exp() * (t - s)).sum(-1)
-    else:
-        raise ValueError(f"direction={direction!r}: allowed values are 'student_teacher', 'teacher_student'")
-    if loss_mask is None:
-        return tok.mean()
-    m = loss_mask.to(tok.dtype)
-    return (tok * m).sum() / m.sum().clamp_min(1.0)
+    return masked_token_mean(token_kl(s, t, direction), loss_mask)
 
 
-__all__ = ["cr_at_step", "target_evicted_fraction", "evicted_fraction", "compression_loss", "kd_loss"]
+__all__ = ["cr_at_step", "target_evicted_fraction", "evicted_fraction", "compression_loss", "kd_loss", "token_kl",
+           "masked_token_mean"]

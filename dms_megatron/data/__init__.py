@@ -1,1 +1,2 @@
-"""Data: tokenizer, offline corpus, the synthetic long-range recall task, Megatron indexed datasets."""
+"""Data: offline tokenizer, stdlib corpus (train / held-out split by file), the recall tasks, megatron indexed
+datasets, and the embedded default's shipped teacher and re-fit data."""

@@ -7,12 +7,15 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from dms_megatron.data.tokenizer import MegatronTokenizerAdapter
 
 
 def write_indexed(prefix: str | Path, documents: Iterable[Sequence[int]], vocab_size: int) -> int:
     """Write token-id documents to ``prefix.bin`` / ``prefix.idx``; returns the number of documents."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     prefix = str(prefix)
     dtype = np.uint16 if vocab_size < 65500 else np.int32
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
@@ -38,8 +41,6 @@ def check_prefix(prefix: str | Path, what: str = "data prefix") -> str:
 
 def max_token_id(prefix: str | Path) -> int:
     """Largest token id stored in an indexed dataset (to check it against the model's vocabulary)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     ds = IndexedDataset(check_prefix(prefix))
     return int(max(int(np.max(ds[i])) for i in range(len(ds))))
 
@@ -52,11 +53,6 @@ def build_gpt_datasets(train_prefix, valid_prefix, seq_length: int, seed: int, n
     Items are dicts with tokens, labels, loss_mask (0 on padding and on predictions made from EOS),
     position_ids. ``cache_dir`` holds megatron's index caches (default: beside the data).
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    from dms_megatron.data.tokenizer import MegatronTokenizerAdapter
-
     train_prefix, valid_prefix = check_prefix(train_prefix, "train prefix"), check_prefix(valid_prefix, "valid prefix")
     cfg = GPTDatasetConfig(
         random_seed=seed,

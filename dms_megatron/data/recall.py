@@ -1,10 +1,19 @@
-"""Synthetic long-range recall: key -> value pairs stated early must be recalled after a long filler.
+"""Synthetic long-range recall tasks, stated among natural filler text, scored at every answer position.
 
-Token layout of one example (all task symbols are single special tokens):
-  <|kv|> k_a v v  k_b v v  ... (pairs) | filler (plain text tokens) | <|q|> k_b v v ... <|eos|>
-The pairs sit far more than a DMS window before the question, so a model that keeps only recent tokens fails.
-The answer directly follows the repeated key (an induction pattern: "what came after this key last time"), which a
-small model learns within a few hundred steps.
+Multi-query associative recall ("mqar", the default): several key -> value pairs, each stated as
+``<|kv|> key value`` at a random place in the filler, then questions ``<|q|> key value`` for every stated key in a
+random order. Keys are distinct symbols drawn from the key pool, values distinct symbols drawn from the value pool,
+so neither a position nor a token type gives an answer away: a model must match the question's key against the
+statements (an induction pattern: "what came after this key last time") and a cache must still hold them.
+
+  prefix filler | <|kv|> k_a v_a  filler | <|kv|> k_b v_b  filler | ... | tail filler | <|q|> k_b v_b <|q|> k_a v_a ...
+
+"single": one statement ``<|kv|> <|k0|> value`` (a fixed marker key) recalled after a long filler; the answer is the
+only value symbol in the context, so a model can find it by token type alone.
+
+An example is a token list plus its answer positions: ``ids[p]`` is an answer, predicted from ``ids[:p]``. Held-out
+items (``write_items`` / ``read_items``) are JSON lines {"ids": [...], "answers": [p, ...]}, all of one length and
+ending with their last answer.
 """
 
 from __future__ import annotations
@@ -13,17 +22,41 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from dms_megatron.data.tokenizer import EOS, KV, NUM_KEYS, NUM_VALUES, QUERY
 
+Filler = Callable[[int], List[int]]  # n -> n plain-text token ids
 
-@dataclass
+
+@dataclass(frozen=True)
 class RecallSpec:
-    num_pairs: int = 4
-    value_len: int = 2
-    num_queries: int = 2
-    key_pool: int = 16  # keys are drawn from the first key_pool key symbols (1 = a fixed marker key)
+    """Shape of one example; each (lo, hi) is drawn uniformly per example (inclusive)."""
+
+    pairs: Tuple[int, int] = (4, 6)
+    key_pool: int = NUM_KEYS  # keys come from the first key_pool key symbols (1 = the fixed marker key <|k0|>)
+    gap: Tuple[int, int] = (6, 22)  # filler after each statement
+    tail: Tuple[int, int] = (32, 60)  # more filler between the last statement and the first question
+    prefix: Tuple[int, int] = (0, 24)  # filler before the first statement
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "gap", "tail", "prefix"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"RecallSpec.{name}={(lo, hi)} must satisfy 0 <= lo <= hi")
+        if not (1 <= self.pairs[0] and self.pairs[1] <= min(self.key_pool, NUM_VALUES)):
+            raise ValueError(f"RecallSpec.pairs={self.pairs} must lie in [1, min(key_pool, {NUM_VALUES} values)]")
+
+    def longest(self) -> int:
+        """Upper bound of an example's length in tokens (256 for the default: every example fits the model)."""
+        n = self.pairs[1]
+        return self.prefix[1] + n * (3 + self.gap[1]) + self.tail[1] + 3 * n
+
+
+TASKS: Dict[str, RecallSpec] = {
+    "mqar": RecallSpec(),
+    "single": RecallSpec(pairs=(1, 1), key_pool=1, gap=(0, 0), tail=(40, 160), prefix=(0, 60)),
+}
 
 
 def _ids(tok, names: Sequence[str]) -> List[int]:
@@ -36,58 +69,104 @@ def _ids(tok, names: Sequence[str]) -> List[int]:
 class RecallTask:
     """Generates recall examples as token ids from a tokenizer that has the task's special tokens."""
 
-    def __init__(self, tok, spec: RecallSpec = RecallSpec()):
+    def __init__(self, tok, spec: RecallSpec = TASKS["mqar"]):
         self.spec = spec
         self.kv, self.q, self.eos = _ids(tok, [KV, QUERY, EOS])
         self.keys = _ids(tok, [f"<|k{i}|>" for i in range(NUM_KEYS)])
         self.values = _ids(tok, [f"<|v{i}|>" for i in range(NUM_VALUES)])
 
-    def example(self, rng: random.Random, filler: Sequence[int], prefix: Sequence[int] = ()):
-        """Returns (tokens of the whole example incl. answers and EOS, list of (prompt_len, answer ids)).
-
-        ``prefix`` (plain text) goes before the pair block, so the pairs are not at a fixed position (attention
-        sinks / "keep the first tokens" policies get no free answer)."""
-        s = self.spec
-        keys = rng.sample(self.keys[:s.key_pool], s.num_pairs)
-        vals = {k: [rng.choice(self.values) for _ in range(s.value_len)] for k in keys}
-        toks = list(prefix) + [self.kv]
-        for k in keys:
-            toks += [k] + vals[k]
-        toks += list(filler)
+    def example(self, rng: random.Random, filler: Filler, spec: Optional[RecallSpec] = None):
+        """(tokens, answer positions) of one example; ``spec`` overrides the task's (e.g. a curriculum stage)."""
+        s = spec or self.spec
+        n = rng.randint(*s.pairs)
+        keys = rng.sample(self.keys[:s.key_pool], n)
+        values = rng.sample(self.values, n)
+        toks = filler(rng.randint(*s.prefix))
+        for k, v in zip(keys, values):
+            toks += [self.kv, k, v] + filler(rng.randint(*s.gap))
+        toks += filler(rng.randint(*s.tail))
         answers = []
-        for k in rng.sample(keys, min(s.num_queries, len(keys))):
-            toks += [self.q, k]
-            answers.append((len(toks), vals[k]))
-            toks += vals[k]
-        toks.append(self.eos)
+        for j in rng.sample(range(n), n):
+            toks += [self.q, keys[j]]
+            answers.append(len(toks))
+            toks.append(values[j])
         return toks, answers
 
-    def eval_item(self, rng: random.Random, filler: Sequence[int], prefix: Sequence[int] = ()):
-        """One held-out question: {"prompt_ids": [... <|q|> key], "answer_ids": [values]} (first query only)."""
-        toks, answers = self.example(rng, filler, prefix)
-        plen, ans = answers[0]
-        return {"prompt_ids": toks[:plen], "answer_ids": ans}
+    def document(self, rng: random.Random, filler: Filler, length: int, spec: Optional[RecallSpec] = None):
+        """An example inside exactly ``length`` tokens of filler (a random share before it, the rest after), or cut
+        to ``length`` (answers past the cut are dropped). Returns (tokens, answer positions)."""
+        toks, answers = self.example(rng, filler, spec)
+        front = rng.randint(0, max(0, length - len(toks)))
+        toks = filler(front) + toks
+        toks += filler(length - len(toks))
+        return toks[:length], [a + front for a in answers if a + front < length]
+
+    def item(self, rng: random.Random, filler: Filler, length: int) -> dict:
+        """A held-out item of exactly ``length`` tokens ending with its last answer (filler in front), so items of
+        one length stream together: {"ids", "answers"}."""
+        toks, answers = self.example(rng, filler)
+        if len(toks) > length:
+            raise ValueError(f"a recall example of {len(toks)} tokens does not fit {length}")
+        front = length - len(toks)
+        return {"ids": filler(front) + toks, "answers": [a + front for a in answers]}
+
+    def is_answer_position(self, prev2: int, prev1: int) -> bool:
+        """Whether the token after ``prev2 prev1`` is an answer (``<|q|> key``)."""
+        return prev2 == self.q and prev1 in self.keys
 
 
-def write_eval(path: str | Path, items: List[dict]) -> None:
+def filler_from(tokens: Sequence[int]) -> Callable[[random.Random], Filler]:
+    """``filler_from(text_ids)(rng)`` -> a Filler drawing random contiguous spans of ``text_ids``."""
+    def make(rng: random.Random) -> Filler:
+        def filler(n: int) -> List[int]:
+            if n <= 0:
+                return []
+            if n >= len(tokens):
+                raise ValueError(f"filler of {n} tokens asked from a text of {len(tokens)} tokens")
+            i = rng.randrange(len(tokens) - n)
+            return list(tokens[i:i + n])
+        return filler
+    return make
+
+
+def write_items(path, items: List[dict]) -> None:
     with open(path, "w") as f:
         for it in items:
             f.write(json.dumps(it) + "\n")
 
 
-def read_eval(path: str | Path, limit: Optional[int] = None) -> List[dict]:
+def read_items(path, limit: Optional[int] = None) -> List[dict]:
+    """Held-out recall items {"ids", "answers"}; one-line errors for a missing or malformed file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"recall eval file {p} does not exist")
-    items = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        raise FileNotFoundError(f"recall items file {p} does not exist")
+    items = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            it = json.loads(line)
+            ok = isinstance(it["ids"], list) and all(0 < a < len(it["ids"]) for a in it["answers"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{p}:{n}: not a recall item {{\"ids\": [...], \"answers\": [positions]}}")
+        items.append(it)
+    if not items:
+        raise ValueError(f"recall items file {p} is empty")
     return items[:limit] if limit else items
 
 
-def score_recall(predict_fn: Callable[[List[List[int]], int], List[List[int]]], eval_path, limit=None) -> float:
-    """Exact-match accuracy. ``predict_fn(prompts, n)`` greedy-decodes n tokens for a batch of prompts."""
-    items = read_eval(eval_path, limit)
-    if not items:
-        raise ValueError(f"recall eval file {eval_path} is empty")
-    n = len(items[0]["answer_ids"])
-    preds = predict_fn([it["prompt_ids"] for it in items], n)
-    return sum(p == it["answer_ids"] for p, it in zip(preds, items)) / len(items)
+def answer_accuracy(items: List[dict], predictions: List[List[int]]) -> float:
+    """Fraction of answers predicted: ``predictions[i][p - 1]`` is the prediction for ``items[i]["ids"][p]``."""
+    hits = total = 0
+    for it, pred in zip(items, predictions):
+        for p in it["answers"]:
+            hits += int(pred[p - 1] == it["ids"][p])
+            total += 1
+    if total == 0:
+        raise ValueError("recall items hold no answers")
+    return hits / total
+
+
+__all__ = ["RecallSpec", "RecallTask", "TASKS", "filler_from", "write_items", "read_items", "answer_accuracy"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, List
 
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 EOS = "<|eos|>"
 PAD = "<|pad|>"
 KV, QUERY = "<|kv|>", "<|q|>"
@@ -19,9 +22,6 @@ def recall_special_tokens() -> List[str]:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
     """Train a byte-level BPE on ``texts`` and save it (tokenizer.json + HF config) into ``out_dir``."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
     bpe = ByteLevelBPETokenizer()
     specials = [EOS, PAD] + recall_special_tokens()
     bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
@@ -34,8 +34,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
 
 def load_tokenizer(path: str | Path):
     """Load a Hugging Face tokenizer directory; one-line error if it is missing or has no EOS token."""
-    from transformers import AutoTokenizer
-
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer directory {p} does not exist")

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from dms_megatron.config import ConfigError, _fail, from_dict
+from dms_megatron.config import ConfigError, RefitConfig, fail, from_dict
 from dms_megatron.inference.press import PRESSES
-from dms_megatron.training.config import RefitConfig
 
 
 @dataclass
@@ -22,10 +21,10 @@ class EvalConfig:
     students: Dict[str, str] = field(default_factory=dict)
     # re-fitted students are kept under the cache dir, keyed by their full config, and reused by later runs
     reuse_students: bool = True
-    teacher: Optional[str] = None        # megatron checkpoint dir; null = the refit's init / embedded teacher
-    recall_eval: Optional[str] = None    # JSONL of held-out recall questions; null = the refit's
-    valid_prefix: Optional[str] = None   # indexed held-out text; null = the refit's
-    recall_limit: Optional[int] = None   # first N questions (null = all)
+    teacher: Optional[str] = None        # megatron checkpoint or HF dir; null = the refit's init / embedded teacher
+    recall_eval: Optional[str] = None    # JSONL of held-out recall items; null = the refit's
+    valid_prefix: Optional[str] = None   # indexed held-out text; null = the refit's (embedded: the shipped text)
+    recall_limit: Optional[int] = None   # first N items (null = all)
     kl_sequences: int = 8
     kl_length: Optional[int] = None      # null = refit.train.seq_length
     streamingllm_sinks: int = 4
@@ -34,13 +33,13 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not self.crs:
-            _fail("eval", "crs", self.crs, "give at least one compression ratio, e.g. crs=[2,4,8]")
+            fail("eval", "crs", self.crs, "give at least one compression ratio, e.g. crs=[2,4,8]")
         for c in self.crs:
             if not isinstance(c, (int, float)) or c <= 1:
-                _fail("eval", "crs", self.crs, "every CR must be a number > 1 (CR 1 is the vanilla cache)")
+                fail("eval", "crs", self.crs, "every CR must be a number > 1 (CR 1 is the vanilla cache)")
         unknown = [m for m in self.methods if m not in PRESSES]
         if unknown or not self.methods:
-            _fail("eval", "methods", self.methods, f"allowed values: {', '.join(PRESSES)}")
+            fail("eval", "methods", self.methods, f"allowed values: {', '.join(PRESSES)}")
         keys = {cr_key(c) for c in self.crs}
         extra = sorted(set(self.students) - keys)
         if extra:
@@ -48,10 +47,10 @@ class EvalConfig:
         for name in ("kl_sequences", "streamingllm_sinks", "quest_page"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "streamingllm_sinks" else 1):
-                _fail("eval", name, v, "must be a non-negative integer" if name == "streamingllm_sinks"
+                fail("eval", name, v, "must be a non-negative integer" if name == "streamingllm_sinks"
                       else "must be an integer >= 1")
         if self.kl_length is not None and not 2 <= self.kl_length <= self.refit.train.seq_length:
-            _fail("eval", "kl_length", self.kl_length, f"must lie in [2, refit.train.seq_length="
+            fail("eval", "kl_length", self.kl_length, f"must lie in [2, refit.train.seq_length="
                                                         f"{self.refit.train.seq_length}]")
 
     def to_dict(self) -> dict:
@@ -62,7 +61,7 @@ class EvalConfig:
         d = dict(d)
         d["refit"] = RefitConfig.from_dict(d.get("refit") or {})
         d["students"] = {cr_key(float(k)): str(v) for k, v in (d.get("students") or {}).items()}
-        return from_dict(cls, d)
+        return from_dict(cls, d, "eval")
 
 
 def cr_key(cr: float) -> str:

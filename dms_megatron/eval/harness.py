@@ -1,8 +1,10 @@
 """Streaming evaluation of KV-cache methods on one engine: recall accuracy, KL to the teacher, memory and reads.
 
-Every prompt is fed token by token (one batched decode step per position after the first token), so each method
-makes its keep/evict choices online, exactly as it would while serving a long generation; no method sees the
-question before deciding what to keep. Metrics per sequence come from the engine (``SequenceMetrics``):
+Every sequence is fed token by token (one batched decode step per position after the first token), so each method
+makes its keep/evict choices online, exactly as it would while serving a long generation; no method sees a question
+before deciding what to keep. Recall items are teacher-forced: at every answer position the method's greedy
+prediction is compared with the answer, and the cache is probed for the statement that answer was given in.
+Metrics per sequence come from the engine (``SequenceMetrics``):
 
   peak_tokens  max over steps of the tokens resident, summed over layers and KV heads (what memory must hold);
   kv_reads     KV tokens read over all steps, summed over layers and KV heads (what bandwidth must move).
@@ -14,111 +16,130 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from dms_megatron.core.losses import kd_loss
 from dms_megatron.inference.engine import Engine, Session
 
+StepFn = Callable[[int, Session, torch.Tensor], None]  # (position t just fed, session, next-token logits [B, V])
 
-def stream(engine: Engine, prompts: Sequence[Sequence[int]], answer_len: int = 0, keep_logits: bool = False,
-           at_prompt_end: Optional[Callable[[Session], None]] = None,
-           ) -> Tuple[List[List[int]], List[dict], torch.Tensor | None]:
-    """Feed equal-length ``prompts`` [B][L] token by token, then greedy-decode ``answer_len`` tokens.
-    ``at_prompt_end(session)`` is called once the whole prompt is in (before any answer token).
 
-    Returns (answers [B][answer_len], engine summaries [B], logits [B, L, V] fp32 when ``keep_logits``: the
-    prediction after each prompt token)."""
-    lengths = {len(p) for p in prompts}
+def stream(engine: Engine, sequences: Sequence[Sequence[int]], on_step: Optional[StepFn] = None,
+           keep_logits: bool = False):
+    """Feed equal-length ``sequences`` [B][L] token by token; ``on_step(t, session, logits)`` after each position.
+    Returns (engine summaries [B], logits [B, L, V] fp32 when ``keep_logits``: the prediction after each token)."""
+    lengths = {len(s) for s in sequences}
     if len(lengths) != 1 or 0 in lengths:
-        raise ValueError(f"stream: prompts must be non-empty and of one length (got lengths {sorted(lengths)})")
-    b, n = len(prompts), lengths.pop()
-    ids = torch.tensor([list(p) for p in prompts], dtype=torch.long)  # [B, L]
-    session = engine.new_session(b)
-    rows = list(range(b))
+        raise ValueError(f"stream: sequences must be non-empty and of one length (got lengths {sorted(lengths)})")
+    ids = torch.tensor([list(s) for s in sequences], dtype=torch.long)  # [B, L]
+    session = engine.new_session(ids.shape[0])
+    rows = list(range(ids.shape[0]))
     last = torch.stack([engine.prefill(session, r, ids[r, :1])[-1] for r in rows])  # [B, V]
     kept = [last.float()] if keep_logits else None
-    for t in range(1, n):
+    if on_step is not None:
+        on_step(0, session, last)
+    for t in range(1, ids.shape[1]):
         last = engine.decode(session, rows, ids[:, t].tolist())
         if keep_logits:
             kept.append(last.float())
-    if at_prompt_end is not None:
-        at_prompt_end(session)
-    answers: List[List[int]] = [[] for _ in rows]
-    for k in range(answer_len):
-        nxt = last.argmax(-1)
-        for r in rows:
-            answers[r].append(int(nxt[r]))
-        if k + 1 < answer_len:
-            last = engine.decode(session, rows, nxt.tolist())
-    logits = torch.stack(kept, dim=1) if keep_logits else None
-    return answers, engine.summary(session), logits
+        if on_step is not None:
+            on_step(t, session, last)
+    return engine.summary(session), (torch.stack(kept, dim=1) if keep_logits else None)
 
 
 def _mean(rows: List[dict], key: str) -> float:
     return sum(float(r[key]) for r in rows) / len(rows)
 
 
-def stated_position(prompt: Sequence[int], answer: Sequence[int]) -> Optional[int]:
-    """Position of the first token of the first occurrence of ``answer`` in ``prompt`` (where the value was
-    stated), or None."""
-    n = len(answer)
-    for i in range(len(prompt) - n + 1):
-        if list(prompt[i:i + n]) == list(answer):
+def stated_position(ids: Sequence[int], answer_pos: int) -> Optional[int]:
+    """Where the answer at ``answer_pos`` was stated: the last earlier position holding the same token, or None."""
+    tok = ids[answer_pos]
+    for i in range(answer_pos - 1, -1, -1):
+        if ids[i] == tok:
             return i
     return None
 
 
-def answer_residency(session: Session, positions: Sequence[int]) -> torch.Tensor:
-    """bool [B, layers, ng]: whether the token at ``positions[b]`` (the stated answer) is still held in the cache
-    of each layer and KV head of sequence b."""
-    pos = torch.tensor(list(positions))[:, None, None]  # [B, 1, 1]
-    return torch.stack([(c.pos == pos).any(-1) for c in session.caches], dim=1)  # c.pos [B, ng, cap]
+def resident(session: Session, row: int, position: int) -> torch.Tensor:
+    """bool [layers, ng]: whether the token at ``position`` of sequence ``row`` is held by each layer and KV head."""
+    return torch.stack([(c.pos[row] == position).any(-1) for c in session.caches])  # c.pos [B, ng, cap]
+
+
+class RecallProbe:
+    """Collects, at every answer position of teacher-forced items, the hit and the residency of the statement."""
+
+    def __init__(self, items: List[dict]):
+        self.items = items
+        self.due: Dict[int, List[tuple]] = defaultdict(list)  # position t fed -> [(row, answer position)]
+        for row, it in enumerate(items):
+            for p in it["answers"]:
+                self.due[p - 1].append((row, p))
+        self.hits: List[bool] = []
+        self.held: List[torch.Tensor] = []  # [layers, ng] per answer whose statement is found
+
+    def __call__(self, t: int, session: Session, logits: torch.Tensor) -> None:
+        for row, p in self.due.get(t, ()):
+            ids = self.items[row]["ids"]
+            self.hits.append(int(logits[row].argmax()) == ids[p])
+            where = stated_position(ids, p)
+            if where is not None:
+                self.held.append(resident(session, row, where))
+
+    def metrics(self) -> dict:
+        out = {"recall_acc": sum(self.hits) / len(self.hits), "answers": len(self.hits)}
+        if self.held and len(self.held) == len(self.hits):  # every answer was stated: residency rows align
+            r = torch.stack(self.held)  # [answers, layers, ng]
+            out["answer_resident"] = [round(float(x), 4) for x in r.float().mean(dim=(0, 2))]
+            ok = torch.tensor(self.hits)
+
+            def split(held: torch.Tensor) -> dict:
+                return {name: (round(float(ok[m].float().mean()), 4) if int(m.sum()) else None)
+                        for name, m in (("held", held), ("dropped", ~held))}
+
+            out["recall_acc_by_residency"] = {"any_layer": split(r.flatten(1).any(-1)),
+                                              **{f"layer{i}": split(r[:, i].any(-1)) for i in range(r.shape[1])}}
+        return out
 
 
 def recall_metrics(engine: Engine, items: List[dict]) -> dict:
-    """Exact-match accuracy of the greedy answers to held-out recall questions ({"prompt_ids", "answer_ids"}),
-    with mean peak tokens and KV reads per question. Items are grouped by prompt and answer length.
+    """Teacher-forced accuracy at every answer of held-out recall items ({"ids", "answers"}), with mean peak tokens
+    and KV reads per item; items of one length stream as one batch.
 
-    Also, where every prompt states its answer: ``answer_resident`` [layers], the fraction of (question, KV head)
-    pairs whose cache still holds the stated answer's first token when the question ends (what each layer could
-    still read), and ``recall_acc_by_layer0`` {"held": acc, "dropped": acc}, accuracy split by whether layer 0 of
-    any KV head still holds it (layer 0's DMS decision for a token is a function of the next token's identity
-    alone, so it is the layer where learned eviction is blindest)."""
-    groups: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
+    Where every answer was stated earlier: ``answer_resident`` [layers], the fraction of (answer, KV head) pairs
+    whose cache still holds the statement's value when the question is asked, and ``recall_acc_by_residency``,
+    accuracy split by whether some KV head of any layer / of each layer still holds it."""
+    groups: Dict[int, List[dict]] = defaultdict(list)
     for it in items:
-        groups[(len(it["prompt_ids"]), len(it["answer_ids"]))].append(it)
-    hits, summaries, resident = [], [], []  # resident: one [group size, layers, ng] per group that states answers
-    for (_, alen), group in sorted(groups.items()):
-        where = [stated_position(it["prompt_ids"], it["answer_ids"]) for it in group]
-        probe = None if None in where else (lambda s, w=where: resident.append(answer_residency(s, w)))
-        answers, summ, _ = stream(engine, [it["prompt_ids"] for it in group], alen, at_prompt_end=probe)
-        hits += [a == it["answer_ids"] for a, it in zip(answers, group)]
+        groups[len(it["ids"])].append(it)
+    probes, summaries = [], []
+    for _, group in sorted(groups.items()):
+        probe = RecallProbe(group)
+        summ, _ = stream(engine, [it["ids"] for it in group], on_step=probe)
+        probes.append(probe)
         summaries += summ
-    out = {"recall_acc": sum(hits) / len(items), "peak_tokens": _mean(summaries, "peak_resident"),
-           "kv_reads": _mean(summaries, "kv_reads"), "questions": len(items)}
-    if len(resident) == len(groups):  # every prompt states its answer: resident rows align with hits
-        r = torch.cat(resident)  # [questions, layers, ng]
-        out["answer_resident"] = [round(float(x), 4) for x in r.float().mean(dim=(0, 2))]
-        l0 = r[:, 0].any(-1)
-        ok = torch.tensor(hits)
-        out["recall_acc_by_layer0"] = {name: (round(float(ok[m].float().mean()), 4) if int(m.sum()) else None)
-                                       for name, m in (("held", l0), ("dropped", ~l0))}
+    merged = RecallProbe([])
+    for p in probes:
+        merged.hits += p.hits
+        merged.held += p.held
+    out = merged.metrics()
+    out.update(peak_tokens=_mean(summaries, "peak_resident"), kv_reads=_mean(summaries, "kv_reads"),
+               items=len(items))
     return out
 
 
 def kl_metrics(engine: Engine, sequences: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
     """Mean per-token KL(model || teacher) of next-token distributions on held-out ``sequences`` [B, L] (the
     direction the re-fit trains), with mean peak tokens and KV reads per sequence. teacher_logits [B, L, V]."""
-    _, summ, logits = stream(engine, sequences.tolist(), keep_logits=True)
+    summ, logits = stream(engine, sequences.tolist(), keep_logits=True)
     kl = float(kd_loss(logits, teacher_logits))
     return {"kl": kl, "peak_tokens": _mean(summ, "peak_resident"), "kv_reads": _mean(summ, "kv_reads")}
 
 
 def teacher_logits(engine: Engine, sequences: torch.Tensor) -> torch.Tensor:
     """[B, L] -> [B, L, V] fp32 logits of the full-cache model (the KL reference)."""
-    return stream(engine, sequences.tolist(), keep_logits=True)[2]
+    return stream(engine, sequences.tolist(), keep_logits=True)[1]
 
 
 def budget_for(peak_tokens: float, layers: int, kv_heads: int) -> int:
@@ -127,5 +148,5 @@ def budget_for(peak_tokens: float, layers: int, kv_heads: int) -> int:
     return max(1, math.ceil(peak_tokens / (layers * kv_heads) - 1e-9))
 
 
-__all__ = ["stream", "stated_position", "answer_residency", "recall_metrics", "kl_metrics", "teacher_logits",
-           "budget_for"]
+__all__ = ["stream", "stated_position", "resident", "RecallProbe", "recall_metrics", "kl_metrics",
+           "teacher_logits", "budget_for"]

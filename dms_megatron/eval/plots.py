@@ -1,41 +1,69 @@
-"""Pareto plots of eval.json: quality (recall accuracy, KL to the teacher) against KV reads and peak tokens."""
+"""Pareto plots of eval.json: quality (recall accuracy, KL to the teacher) against KV reads and peak tokens.
+
+One point per method and CR (lines join a method's CRs, each point labelled with its CR); the recall panel is drawn
+only when recall was measured; tick labels are plain short numbers.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Dict, List, Optional
+
+import matplotlib
+from matplotlib.ticker import FuncFormatter
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 MARKERS = {"vanilla": "*", "dms": "o", "tova": "s", "h2o": "^", "streamingllm": "v", "quest": "D"}
+AXES = (("kv_reads", "kl_kv_reads", "KV tokens read per sequence"),
+        ("peak_tokens", "kl_peak_tokens", "peak KV tokens resident per sequence"))
 
 
-def pareto_plots(results: dict, out_dir: Path) -> list:
-    """Writes pareto_kv_reads.png and pareto_peak_tokens.png (one point per method and CR; lines join a method's
-    CRs). Returns the written paths."""
-    import matplotlib
+def short_number(x: float, _pos=None) -> str:
+    """Tick label: 3 significant digits, no float noise (9.34585e-4 -> 0.000935, 12000 -> 12k)."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 1000:
+        return f"{x / 1000:.3g}k"
+    return f"{x:.3g}" if abs(x) >= 1e-3 else f"{x:.2e}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _panel(ax, results: Dict[str, dict], x_key: str, y_key: str, xlabel: str, ylabel: str) -> None:
+    for method, per_cr in results.items():
+        pts = sorted(((cr, m) for cr, m in per_cr.items() if y_key in m), key=lambda kv: float(kv[0]))
+        if not pts:
+            continue
+        xs, ys = [m[x_key] for _, m in pts], [m[y_key] for _, m in pts]
+        ax.plot(xs, ys, marker=MARKERS.get(method, "x"), label=method)
+        for (cr, _), x, y in zip(pts, xs, ys):
+            ax.annotate(f"CR {cr}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(short_number))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, p: ""))
+    ax.yaxis.set_major_formatter(FuncFormatter(short_number))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def pareto_plots(results: dict, out_dir: Path, title: Optional[str] = None) -> List[Path]:
+    """Writes pareto_kv_reads.png and pareto_peak_tokens.png; returns the paths."""
+    has_recall = any("recall_acc" in m for per_cr in results.values() for m in per_cr.values())
     paths = []
-    for x_key, kl_x_key, label in (("kv_reads", "kl_kv_reads", "KV tokens read per sequence"),
-                                   ("peak_tokens", "kl_peak_tokens", "peak KV tokens resident per sequence")):
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for method, per_cr in results.items():
-            pts = sorted(per_cr.items(), key=lambda kv: float(kv[0]))
-            mk = MARKERS.get(method, "x")
-            if all("recall_acc" in m for _, m in pts):
-                a.plot([m[x_key] for _, m in pts], [m["recall_acc"] for _, m in pts], marker=mk, label=method)
-            b.plot([m[kl_x_key] for _, m in pts], [m["kl"] for _, m in pts], marker=mk, label=method)
-            for cr, m in pts:
-                b.annotate(cr, (m[kl_x_key], m["kl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        a.set_xlabel(label + " (recall task)")
-        a.set_ylabel("recall accuracy (higher is better)")
-        b.set_xlabel(label + " (held-out text)")
-        b.set_ylabel("KL to teacher per token (lower is better)")
-        b.set_yscale("symlog", linthresh=1e-3)
-        for ax in (a, b):
-            ax.set_xscale("log")
-            ax.grid(alpha=0.3)
-        a.legend(fontsize=8)
+    for x_key, kl_x_key, label in AXES:
+        fig, axes = plt.subplots(1, 2 if has_recall else 1, figsize=(11.5 if has_recall else 6.5, 4.5),
+                                 squeeze=False)
+        if has_recall:
+            _panel(axes[0][0], results, x_key, "recall_acc", label + " (recall task)",
+                   "recall accuracy (higher is better)")
+        kl_ax = axes[0][-1]
+        _panel(kl_ax, results, kl_x_key, "kl", label + " (held-out text)", "KL to teacher, nats/token (lower is better)")
+        kl_ax.set_yscale("symlog", linthresh=1e-3)
+        kl_ax.yaxis.set_major_formatter(FuncFormatter(short_number))
+        if title:
+            fig.suptitle(title)
         fig.tight_layout()
         path = Path(out_dir) / f"pareto_{x_key}.png"
         fig.savefig(path, dpi=100)
@@ -44,4 +72,4 @@ def pareto_plots(results: dict, out_dir: Path) -> list:
     return paths
 
 
-__all__ = ["pareto_plots"]
+__all__ = ["pareto_plots", "short_number"]

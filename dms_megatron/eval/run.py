@@ -3,9 +3,10 @@
 eval.json: {method: {cr: {recall_acc, kl, peak_tokens, kv_reads, ...}}} with method keys vanilla, dms, tova, h2o,
 streamingllm, quest. vanilla (the teacher with its full cache) sits under cr "1"; every baseline at CR c runs on the
 teacher with the per-head budget matched to the peak tokens the CR-c DMS student reached on the same task.
-``peak_tokens`` / ``kv_reads`` are the recall task's (mean per question); ``kl_peak_tokens`` / ``kl_kv_reads`` those
-of the held-out text the KL is measured on. Recall rows also carry ``answer_resident`` (per layer, the fraction of
-questions x KV heads whose cache still holds the stated answer when the question ends) and ``recall_acc_by_layer0``.
+``peak_tokens`` / ``kv_reads`` are the recall task's (mean per item); ``kl_peak_tokens`` / ``kl_kv_reads`` those of
+the held-out text the KL is measured on. Recall rows also carry ``answer_resident`` (per layer, the fraction of
+answers x KV heads whose cache still holds the statement when the question is asked) and
+``recall_acc_by_residency``.
 """
 
 from __future__ import annotations
@@ -14,119 +15,101 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
-import yaml
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from dms_megatron.config import ConfigError
+from dms_megatron.config import ConfigError, RefitConfig
+from dms_megatron.data.embedded import TEACHER_DIR, cache_root, heldout_file, read_heldout_text, verify_teacher
+from dms_megatron.data.recall import read_items
 from dms_megatron.eval.config import EvalConfig, cr_key
 from dms_megatron.eval.harness import budget_for, kl_metrics, recall_metrics, teacher_logits
+from dms_megatron.eval.plots import pareto_plots
 from dms_megatron.inference.engine import Engine
+from dms_megatron.inference.loading import checkpoints_dir, load_model
 from dms_megatron.inference.press import make_press
+from dms_megatron.megatron.distributed import destroy_process_groups
+from dms_megatron.training.entry import run_rank
+from dms_megatron.training.run_config import write_run_config
 
 
 @dataclass
 class EvalAssets:
     teacher: Path
     recall_eval: Optional[Path]
-    valid_prefix: str
-    seq_length: int
+    kl_sequences: torch.Tensor  # [count, length]
     version: str  # what the students' cache key depends on besides their config
-
-
-def resolve_assets(cfg: EvalConfig) -> EvalAssets:
-    r = cfg.refit
-    if r.embedded:
-        from dms_megatron.data.embedded import VERSION, ensure_tiny_teacher
-
-        a = ensure_tiny_teacher()
-        teacher, recall, valid, version = a.teacher_checkpoint, a.recall_eval, a.valid_prefix, VERSION
-    else:
-        teacher, recall, valid = Path(r.train.init_checkpoint), r.data.recall_eval, r.data.valid_prefix
-        version = str(Path(teacher).resolve())
-    teacher = Path(cfg.teacher) if cfg.teacher else Path(teacher)
-    recall = cfg.recall_eval or recall
-    valid = cfg.valid_prefix or valid
-    for what, p in (("teacher checkpoint", teacher), ("recall questions", recall)):
-        if p is not None and not Path(p).exists():
-            raise ConfigError(f"{what} {p} does not exist")
-    return EvalAssets(teacher, Path(recall) if recall else None, str(valid), r.train.seq_length, version)
-
-
-def _checkpoints(path: Path) -> Path:
-    """A dms-refit run dir or its checkpoints/ dir -> the checkpoints dir."""
-    path = Path(path)
-    if (path / "checkpoints" / "latest_checkpointed_iteration.txt").is_file():
-        return path / "checkpoints"
-    if (path / "latest_checkpointed_iteration.txt").is_file():
-        return path
-    raise ConfigError(f"student {path} holds no checkpoint (no latest_checkpointed_iteration.txt in it or in its "
-                      f"checkpoints/): pass a dms-refit run dir")
-
-
-def ensure_student(cfg: EvalConfig, cr: float, assets: EvalAssets, run_dir: Path) -> Path:
-    """The checkpoints dir of the student for ``cr``: given in cfg.students, cached, or re-fitted now."""
-    from dms_megatron.data.embedded import cache_root
-    from dms_megatron.training.config import RefitConfig
-
-    key = cr_key(cr)
-    if key in cfg.students:
-        return _checkpoints(Path(cfg.students[key]))
-    d = cfg.refit.to_dict()
-    d["dms"]["final_cr"] = float(cr)
-    rc = RefitConfig.from_dict(d)
-    world = rc.parallel.nproc_per_node or rc.parallel.tp * rc.parallel.pp
-    if world != 1:
-        raise ConfigError(f"dms-eval re-fits students with one rank (refit.parallel asks for {world}); re-fit them "
-                          f"with dms-refit and pass +students.{key}=RUN_DIR")
-    digest = hashlib.sha256(json.dumps([assets.version, rc.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
-    root = (cache_root() / "students" if cfg.reuse_students else run_dir / "students") / f"cr{key}-{digest}"
-    if (root / "report.json").is_file():
-        print(f"[dms-eval] student CR {key}: reusing {root}", flush=True)
-        return root / "checkpoints"
-    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(rc.to_dict(), sort_keys=False))
-    print(f"[dms-eval] student CR {key}: re-fitting into {root}", flush=True)
-    rc_code = subprocess.call([sys.executable, "-m", "dms_megatron.training.worker", "--run-dir", str(tmp)])
-    if rc_code:
-        raise RuntimeError(f"re-fitting the CR {key} student failed (exit {rc_code}); its run dir {tmp} is kept "
-                           f"for inspection")
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
-    return root / "checkpoints"
 
 
 def heldout_sequences(prefix: str, count: int, length: int) -> torch.Tensor:
     """[count, length]: the first ``count`` documents of an indexed dataset with at least ``length`` tokens."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     if not Path(prefix + ".idx").is_file():
         raise ConfigError(f"held-out data {prefix}.idx does not exist")
     ds = IndexedDataset(prefix)
-    out = []
-    for i in range(len(ds)):
-        doc = ds[i]
-        if len(doc) >= length:
-            out.append(torch.as_tensor(doc[:length].astype("int64")))
-            if len(out) == count:
-                return torch.stack(out)
-    raise ConfigError(f"{prefix} has {len(out)} documents of >= {length} tokens; eval.kl_sequences={count} asked "
-                      f"for more (lower eval.kl_sequences or eval.kl_length)")
+    out = [torch.as_tensor(ds[i][:length].astype("int64")) for i in range(len(ds)) if len(ds[i]) >= length][:count]
+    if len(out) < count:
+        raise ConfigError(f"{prefix} has {len(out)} documents of >= {length} tokens; eval.kl_sequences={count} asked "
+                          f"for more (lower eval.kl_sequences or eval.kl_length)")
+    return torch.stack(out)
 
 
-def _metrics(engine: Engine, items, seqs, t_logits, kl_engine: Optional[Engine] = None) -> dict:
-    """Recall metrics of ``engine`` and KL metrics of ``kl_engine`` (default the same engine) in one row."""
-    rec = recall_metrics(engine, items) if items else {}
-    kl = kl_metrics(kl_engine or engine, seqs, t_logits)
-    return {**rec, "kl": kl["kl"], "kl_peak_tokens": kl["peak_tokens"], "kl_kv_reads": kl["kv_reads"]}
+def resolve_assets(cfg: EvalConfig) -> EvalAssets:
+    r = cfg.refit
+    length = cfg.kl_length or r.train.seq_length
+    if r.embedded:
+        teacher, version = verify_teacher(), TEACHER_DIR.name
+        recall = heldout_file(teacher, r.data.recall)
+        kl = (heldout_sequences(cfg.valid_prefix, cfg.kl_sequences, length) if cfg.valid_prefix else
+              torch.tensor(read_heldout_text(heldout_file(teacher, "text"), cfg.kl_sequences, length)))
+    else:
+        teacher, recall = Path(r.train.init_checkpoint), r.data.recall_eval
+        version = str(teacher.resolve())
+        kl = heldout_sequences(cfg.valid_prefix or r.data.valid_prefix, cfg.kl_sequences, length)
+    teacher = Path(cfg.teacher) if cfg.teacher else Path(teacher)
+    recall = cfg.recall_eval or recall
+    for what, p in (("teacher", teacher), ("recall items", recall)):
+        if p is not None and not Path(p).exists():
+            raise ConfigError(f"{what} {p} does not exist")
+    return EvalAssets(teacher, Path(recall) if recall else None, kl, version)
+
+
+def ensure_student(cfg: EvalConfig, cr: float, assets: EvalAssets, run_dir: Path, log=print) -> Path:
+    """The checkpoints dir of the student for ``cr``: given in cfg.students, cached, or re-fitted now (in this
+    process, one rank)."""
+    key = cr_key(cr)
+    if key in cfg.students:
+        path = checkpoints_dir(cfg.students[key])
+        if not (path / "latest_checkpointed_iteration.txt").is_file():
+            raise ConfigError(f"student {cfg.students[key]} holds no checkpoint: pass a dms-refit run dir")
+        return path
+    d = cfg.refit.to_dict()
+    d["dms"]["final_cr"] = float(cr)
+    rc = RefitConfig.from_dict(d)
+    if rc.parallel.world_size != 1:
+        raise ConfigError(f"dms-eval re-fits students with one rank (refit.parallel asks for "
+                          f"{rc.parallel.world_size}); re-fit them with dms-refit and pass +students.{key}=RUN_DIR")
+    digest = hashlib.sha256(json.dumps([assets.version, rc.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
+    root = (cache_root() / "students" if cfg.reuse_students else run_dir / "students") / f"cr{key}-{digest}"
+    if (root / "report.json").is_file():
+        log(f"student CR {key}: reusing {root}")
+        return root / "checkpoints"
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_run_config(tmp, rc)
+    log(f"student CR {key}: re-fitting into {root}")
+    try:
+        code = run_rank(tmp)
+    finally:
+        destroy_process_groups()
+    if code:
+        raise RuntimeError(f"re-fitting the CR {key} student failed (exit {code}); its run dir {tmp} is kept")
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root / "checkpoints"
 
 
 def _budget_press(name: str, cfg: EvalConfig, budget: int):
@@ -135,50 +118,70 @@ def _budget_press(name: str, cfg: EvalConfig, budget: int):
     return make_press(name, budget=budget, **kw)
 
 
-def run_eval(cfg: EvalConfig, run_dir: Path) -> dict:
-    from dms_megatron.data.recall import read_eval
-    from dms_megatron.eval.plots import pareto_plots
-    from dms_megatron.inference.loading import load_megatron
+class Progress:
+    """One line per finished unit of work, with elapsed time and an estimate of what is left."""
 
+    def __init__(self, total: int, log) -> None:
+        self.total, self.done, self.t0, self.log = total, 0, time.time(), log
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        el = time.time() - self.t0
+        left = el / self.done * (self.total - self.done)
+        self.log(f"[{self.done}/{self.total}] {what} ({el:.0f} s elapsed, ~{left:.0f} s left)")
+
+
+def _row(engine: Engine, items: List[dict], seqs: torch.Tensor, t_logits: torch.Tensor,
+         kl_engine: Optional[Engine] = None) -> dict:
+    """Recall metrics of ``engine`` and KL metrics of ``kl_engine`` (default the same engine) in one row."""
+    rec = recall_metrics(engine, items) if items else {}
+    kl = kl_metrics(kl_engine or engine, seqs, t_logits)
+    return {**rec, "kl": kl["kl"], "kl_peak_tokens": kl["peak_tokens"], "kl_kv_reads": kl["kv_reads"]}
+
+
+def _brief(m: dict) -> str:
+    return f"recall={m.get('recall_acc', float('nan')):.3f} kl={m['kl']:.4f} peak={m.get('peak_tokens', 0):.0f}"
+
+
+def run_eval(cfg: EvalConfig, run_dir: Path, log=print) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     assets = resolve_assets(cfg)
-    students = {cr_key(c): ensure_student(cfg, c, assets, run_dir) for c in cfg.crs}
-    teacher = load_megatron(assets.teacher)
-    items = read_eval(assets.recall_eval, cfg.recall_limit) if assets.recall_eval else []
-    seqs = heldout_sequences(assets.valid_prefix, cfg.kl_sequences, cfg.kl_length or assets.seq_length)
+    students = {cr_key(c): ensure_student(cfg, c, assets, run_dir, log) for c in cfg.crs}
+    teacher = load_model(assets.teacher)
+    items = read_items(assets.recall_eval, cfg.recall_limit) if assets.recall_eval else []
+    seqs = assets.kl_sequences
     t_logits = teacher_logits(Engine(teacher), seqs)
     layers, ng = teacher.cfg.num_layers, teacher.cfg.num_query_groups
-
+    baselines = [m for m in cfg.methods if m not in ("vanilla", "dms")]
+    progress = Progress(("vanilla" in cfg.methods) + len(cfg.crs) * (1 + len(baselines)), log)
     results: Dict[str, Dict[str, dict]] = {m: {} for m in cfg.methods}
     if "vanilla" in results:
-        results["vanilla"]["1"] = _metrics(Engine(teacher), items, seqs, t_logits)
-    baselines = [m for m in cfg.methods if m not in ("vanilla", "dms")]
+        results["vanilla"]["1"] = _row(Engine(teacher), items, seqs, t_logits)
+        progress.step(f"vanilla: {_brief(results['vanilla']['1'])}")
     for c in cfg.crs:
         key = cr_key(c)
-        student = load_megatron(students[key], require_dms=True)
-        dms = _metrics(Engine(student, make_press("dms", window=student.dms.window)), items, seqs, t_logits)
-        dms["student"] = str(students[key])
+        student = load_model(students[key], require_dms=True)
+        dms = dict(_row(Engine(student, make_press("dms", window=student.dms.window)), items, seqs, t_logits),
+                   student=str(students[key]))
+        progress.step(f"CR {key} dms: {_brief(dms)}")
         if "dms" in results:
             results["dms"][key] = dms
         # the recall and KL tasks have different lengths, so each gets the budget DMS reached on it
         b_rec = budget_for(dms.get("peak_tokens", dms["kl_peak_tokens"]), layers, ng)
         b_kl = budget_for(dms["kl_peak_tokens"], layers, ng)
         for name in baselines:
-            results[name][key] = dict(_metrics(Engine(teacher, _budget_press(name, cfg, b_rec)), items, seqs,
-                                               t_logits, Engine(teacher, _budget_press(name, cfg, b_kl))),
+            results[name][key] = dict(_row(Engine(teacher, _budget_press(name, cfg, b_rec)), items, seqs, t_logits,
+                                           Engine(teacher, _budget_press(name, cfg, b_kl))),
                                       budget=b_rec, kl_budget=b_kl)
-        print(f"[dms-eval] CR {key}: " + ", ".join(
-            f"{m} recall={results[m][key].get('recall_acc', float('nan')):.3f} kl={results[m][key]['kl']:.4f}"
-            for m in results if key in results[m]), flush=True)
+            progress.step(f"CR {key} {name} (budget {b_rec}): {_brief(results[name][key])}")
         if "answer_resident" in dms:
-            print(f"[dms-eval] CR {key}: dms holds the stated answer per layer {dms['answer_resident']}; recall when "
-                  f"layer 0 holds it / dropped it: {dms['recall_acc_by_layer0']}", flush=True)
+            log(f"CR {key}: dms holds the statement per layer {dms['answer_resident']}; recall by residency "
+                f"{dms['recall_acc_by_residency']['any_layer']}")
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     pareto_plots(results, run_dir)
-    print(f"[dms-eval] wrote {run_dir / 'eval.json'} and Pareto plots in {time.time() - t0:.0f}s", flush=True)
+    log(f"wrote {run_dir / 'eval.json'} and the Pareto plots in {time.time() - progress.t0:.0f} s")
     return results
 
 
-__all__ = ["run_eval", "ensure_student", "resolve_assets", "heldout_sequences"]
+__all__ = ["run_eval", "ensure_student", "resolve_assets", "heldout_sequences", "EvalAssets"]

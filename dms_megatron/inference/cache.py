@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dms_megatron.core.gating import hard_decisions
+from dms_megatron.core.masks import decisions_to_key_logits
+
 FREE = -1
 
 
@@ -113,15 +116,14 @@ def resident(cache: LayerCache) -> torch.Tensor:
 def chunk_flags(decisions: torch.Tensor) -> torch.Tensor:
     """Flags of a chunk's own tokens from its decisions: decisions [n, ng, S] logits -> bool [n, ng, S], token j is
     flagged by the decision of token j+1; the last token's decision comes later (False for now)."""
-    evict = decisions > 0
-    return torch.cat([evict[..., 1:], torch.zeros_like(evict[..., :1])], dim=-1)
+    return decisions_to_key_logits(hard_decisions(decisions), fill=False)
 
 
 def flag_previous(cache: LayerCache, rows: torch.Tensor, first_pos: torch.Tensor, first_decision: torch.Tensor) -> None:
     """The decision of each sequence's first new token (position first_pos [n], logits [n, ng]) flags the cached
     token at first_pos - 1 when the logit is > 0 (nothing to flag at position 0)."""
     target = (first_pos - 1)[:, None, None]  # [n, 1, 1]
-    hit = (cache.pos[rows] == target) & (target >= 0) & (first_decision > 0)[..., None]  # [n, ng, cap]
+    hit = (cache.pos[rows] == target) & (target >= 0) & hard_decisions(first_decision)[..., None]  # [n, ng, cap]
     cache.flag[rows] = cache.flag[rows] | hit
 
 

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from dms_megatron.inference import cache as kv
+import dms_megatron.inference.cache as kv
 from dms_megatron.inference.model import DecoderModel
 from dms_megatron.inference.press import Press
 from dms_megatron.inference.press.vanilla import VanillaPress

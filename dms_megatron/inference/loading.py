@@ -1,5 +1,5 @@
-"""Load a ``DecoderModel`` from a Hugging Face directory (plain or official DMS format) or from a megatron state
-dict (converted to HF names in memory by the conversion mappings)."""
+"""Load a ``DecoderModel`` from a Hugging Face directory (plain or official DMS format), a megatron checkpoint dir
+or a dms-refit run dir (converted to HF names in memory by the family's conversion rules)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ from typing import Dict, Optional
 
 import torch
 
+from dms_megatron.checkpoint import CheckpointError, load_model_weights, read_checkpoint_configs
 from dms_megatron.config import DMSConfig, ModelConfig
+from dms_megatron.convert.families import family_by_name, uses_adapter
+from dms_megatron.convert.hf_io import ConversionError
+from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model
+from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ExportProducer, bind_rules
 from dms_megatron.inference.model import DecoderModel, ModelLoadError
+from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
+from dms_megatron.megatron.model import build_gpt_model, transformer_config
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
 def load_hf(directory, *, require_dms: bool = False, dtype: torch.dtype = torch.float32) -> DecoderModel:
     """A model from ``config.json`` + safetensors. The DMS settings come from the official dms_* keys
     (dms_window_size, dms_alpha_scale, dms_initial_alpha_offset, dms_separate_alpha, dms_alpha_per, ...); a
     directory without them is a plain model, and ``require_dms`` turns that into an error."""
-    from dms_megatron.convert.cli import read_hf_model
-    from dms_megatron.convert.hf_io import ConversionError
-    from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES
-
     directory = Path(directory)
     try:
         _, mc, dms, _, reader, _ = read_hf_model(directory)
@@ -35,12 +40,8 @@ def load_hf(directory, *, require_dms: bool = False, dtype: torch.dtype = torch.
 def megatron_to_hf_state_dict(sd: Dict[str, torch.Tensor], mc: ModelConfig,
                               dms: Optional[DMSConfig]) -> Dict[str, torch.Tensor]:
     """A full (tp=1, pp=1) megatron GPTModel state dict -> HF names (vocab padding removed)."""
-    from dms_megatron.convert import family_by_name
-    from dms_megatron.convert.mapping import ExportProducer, bind_rules
-
-    adapter = dms is not None and dms.alpha_source == "adapter"
     te = any(k.endswith("linear_qkv.layer_norm_weight") for k in sd)
-    bound = bind_rules(family_by_name(mc.family).rules, mc, adapter=adapter, te=te)
+    bound = bind_rules(family_by_name(mc.family).rules, mc, adapter=uses_adapter(dms), te=te)
     missing = [b.megatron for b in bound if b.megatron not in sd]
     if missing:
         hint = " (not a DMS adapter checkpoint)" if "dms_alpha" in missing[0] else ""
@@ -55,22 +56,22 @@ def from_megatron(sd: Dict[str, torch.Tensor], mc: ModelConfig, dms: Optional[DM
     return DecoderModel(mc, megatron_to_hf_state_dict(sd, mc, dms), dms, dtype=dtype, source="megatron state dict")
 
 
-
+def checkpoints_dir(path) -> Path:
+    """A dms-refit run dir or a megatron checkpoint dir -> the dir holding ``latest_checkpointed_iteration.txt``."""
+    path = Path(path)
+    if (path / "checkpoints" / TRACKER_FILE).is_file():
+        return path / "checkpoints"
+    return path
 
 
 def load_megatron(path, *, iteration: Optional[int] = None, require_dms: bool = False,
                   dtype: torch.dtype = torch.float32) -> DecoderModel:
-    """A model from a megatron checkpoint written by dms-convert import or dms-refit (loaded at tp=1, pp=1 in this
-    process, then renamed to HF names in memory)."""
-    from dms_megatron.convert.cli import read_checkpoint_configs
-    from dms_megatron.convert.hf_io import ConversionError
-    from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
-    from dms_megatron.megatron.model import build_gpt_model, transformer_config
-    from dms_megatron.training.checkpointing import CheckpointError, load_model_weights
-
+    """A model from a megatron checkpoint written by dms-convert import or dms-refit, or a dms-refit run dir (loaded
+    at tp=1, pp=1 in this process, then renamed to HF names in memory)."""
+    path = checkpoints_dir(path)
     try:
         mc, dms, _ = read_checkpoint_configs(path, iteration)
-    except ConversionError as e:
+    except CheckpointError as e:
         raise ModelLoadError(str(e)) from None
     if require_dms and dms is None:
         raise ModelLoadError(f"{path}: the checkpoint records no dms_config: not a DMS checkpoint (a plain model); "
@@ -90,4 +91,14 @@ def load_megatron(path, *, iteration: Optional[int] = None, require_dms: bool = 
         if owned:
             destroy_process_groups()
     return from_megatron(sd, mc, dms, dtype=dtype)
-__all__ = ["load_hf", "load_megatron", "megatron_to_hf_state_dict", "from_megatron"]
+
+
+def load_model(path, *, iteration: Optional[int] = None, require_dms: bool = False,
+               dtype: torch.dtype = torch.float32) -> DecoderModel:
+    """Any model source: a HF directory (config.json), a megatron checkpoint dir or a dms-refit run dir."""
+    if is_hf_dir(path):
+        return load_hf(path, require_dms=require_dms, dtype=dtype)
+    return load_megatron(path, iteration=iteration, require_dms=require_dms, dtype=dtype)
+
+
+__all__ = ["load_hf", "load_megatron", "load_model", "megatron_to_hf_state_dict", "from_megatron", "checkpoints_dir"]

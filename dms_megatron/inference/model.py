@@ -6,7 +6,7 @@ engine (``engine.py``) decides which keys each query sees (vanilla cache, DMS de
 Notation: b batch, s new tokens, h hidden, np query heads, ng KV heads, g = np // ng, hn head dim.
 Query heads are group-major: query head j belongs to KV head j // g.
 
-DMS decisions (``dms`` set and not ``teacher_mode``), one logit per (token, KV head), > 0 = evict the previous token:
+DMS decisions (``dms`` set), one logit per (token, KV head), > 0 = evict the previous token:
   qneuron: q_norm(q)[first head of each group, -1] * alpha_scale - alpha_offset, that neuron zeroed before and
            after RoPE (it carries no attention signal);
   adapter: Linear(RMSNorm(pre-norm residual)) * alpha_scale - alpha_offset with tensors
@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from dms_megatron.config import DMSConfig, ModelConfig
-from dms_megatron.core.gating import apply_alpha_per, qneuron_decision_logits, zero_borrowed_neuron
-
-# megatron-core's built-in Llama-3 RoPE constants (only the factor is configurable).
-LLAMA3_LOW_FREQ_FACTOR = 1.0
-LLAMA3_HIGH_FREQ_FACTOR = 4.0
-LLAMA3_ORIGINAL_MAX_POSITIONS = 8192
+from dms_megatron.convert.families import hf_tensor_shapes
+from dms_megatron.convert.hf_io import ConversionError
+from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES
+from dms_megatron.core.gating import (apply_alpha_per, projection_decision_logits, qneuron_decision_logits,
+                                      zero_borrowed_neuron)
+from dms_megatron.core.norms import rms_norm
+from dms_megatron.core.rope import apply_rope, rope_inv_freq
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -37,63 +38,22 @@ class ModelLoadError(ValueError):
     """A state dict or checkpoint does not match the model configuration (the message names tensor and fix)."""
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """[..., d] -> [..., d]; fp32 statistics like Hugging Face's Llama/Qwen RMSNorm."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """[hn // 2] float64 inverse frequencies, with Llama-3 scaling when cfg.rope_scaling == "llama3"."""
-    hn = cfg.kv_channels
-    inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, hn, 2, dtype=torch.float64) / hn))
-    if cfg.rope_scaling != "llama3":
-        return inv
-    factor = cfg.rope_scaling_factor
-    low_wavelen = LLAMA3_ORIGINAL_MAX_POSITIONS / LLAMA3_LOW_FREQ_FACTOR
-    high_wavelen = LLAMA3_ORIGINAL_MAX_POSITIONS / LLAMA3_HIGH_FREQ_FACTOR
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (LLAMA3_ORIGINAL_MAX_POSITIONS / wavelen - LLAMA3_LOW_FREQ_FACTOR) / (
-        LLAMA3_HIGH_FREQ_FACTOR - LLAMA3_LOW_FREQ_FACTOR)
-    mid = (1 - smooth) * scaled / factor + smooth * scaled
-    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(is_mid, mid, scaled)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x [b, heads, s, hn], positions [b, s] int -> [b, heads, s, hn]."""
-    ang = positions.to(torch.float64)[..., None] * inv_freq  # [b, s, hn/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[:, None]  # [b, 1, s, hn]
-    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[:, None]
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rot * sin
-
-
-def expected_tensors(cfg: ModelConfig, dms: Optional[DMSConfig]) -> Dict[str, tuple]:
-    """HF tensor name -> shape for ``cfg`` (with the DMS adapter tensors when dms.alpha_source == "adapter")."""
-    h, hn, np_, ng, f = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups, \
-        cfg.ffn_hidden_size
-    out = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                    p + "self_attn.q_proj.weight": (np_ * hn, h), p + "self_attn.k_proj.weight": (ng * hn, h),
-                    p + "self_attn.v_proj.weight": (ng * hn, h), p + "self_attn.o_proj.weight": (h, np_ * hn),
-                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                    p + "mlp.down_proj.weight": (h, f)})
-        if cfg.add_qkv_bias:
-            out.update({p + "self_attn.q_proj.bias": (np_ * hn,), p + "self_attn.k_proj.bias": (ng * hn,),
-                        p + "self_attn.v_proj.bias": (ng * hn,)})
-        if cfg.qk_layernorm:
-            out.update({p + "self_attn.q_norm.weight": (hn,), p + "self_attn.k_norm.weight": (hn,)})
-        if dms is not None and dms.alpha_source == "adapter":
-            out.update({p + "self_attn.dms_proj_alpha_norm.weight": (h,), p + "self_attn.dms_proj_alpha.weight": (ng, h)})
-    return out
+def check_state_dict(cfg: ModelConfig, dms: Optional[DMSConfig], sd: Dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor the family's rules expect for ``cfg`` (and ``dms``'s adapter), with its shape, and no other:
+    one-line ModelLoadError naming the first offender and the fix."""
+    want = hf_tensor_shapes(cfg, dms)
+    missing = [n for n in want if n not in sd]
+    if missing:
+        hint = ("the checkpoint has no DMS adapter: load it with its own DMS settings or as a plain model"
+                if "dms_proj_alpha" in missing[0] else "the checkpoint does not match its configuration")
+        raise ModelLoadError(f"tensor {missing[0]!r} is missing from {source} ({len(missing)} missing): {hint}")
+    extra = [n for n in sd if n not in want]
+    if extra:
+        hint = " (a DMS adapter checkpoint: pass its DMS config)" if "dms_proj_alpha" in extra[0] else ""
+        raise ModelLoadError(f"unexpected tensor {extra[0]!r} in {source} ({len(extra)} unexpected){hint}")
+    for n, shape in want.items():
+        if tuple(sd[n].shape) != shape:
+            raise ModelLoadError(f"tensor {n!r} in {source} has shape {list(sd[n].shape)}, expected {list(shape)}")
 
 
 class DecoderModel(torch.nn.Module):
@@ -103,25 +63,17 @@ class DecoderModel(torch.nn.Module):
                  dtype: torch.dtype = torch.float32, source: str = "state dict") -> None:
         super().__init__()
         self.cfg, self.dms, self.dtype = cfg, dms, dtype
-        want = expected_tensors(cfg, dms)
-        sd = {k: v for k, v in state_dict.items() if not k.endswith(".rotary_emb.inv_freq")}
+        sd = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_HF_SUFFIXES)}
         if cfg.tie_embeddings and "lm_head.weight" in sd:
             sd.pop("lm_head.weight")
-        missing = [n for n in want if n not in sd]
-        if missing:
-            hint = ("the checkpoint has no DMS adapter: load it with its own DMS settings or as a plain model"
-                    if "dms_proj_alpha" in missing[0] else "the checkpoint does not match its configuration")
-            raise ModelLoadError(f"tensor {missing[0]!r} is missing from {source} ({len(missing)} missing): {hint}")
-        extra = [n for n in sd if n not in want]
-        if extra:
-            hint = (" (a DMS adapter checkpoint: pass its DMS config)" if "dms_proj_alpha" in extra[0] else "")
-            raise ModelLoadError(f"unexpected tensor {extra[0]!r} in {source} ({len(extra)} unexpected){hint}")
-        for n, shape in want.items():
-            if tuple(sd[n].shape) != shape:
-                raise ModelLoadError(f"tensor {n!r} in {source} has shape {list(sd[n].shape)}, expected {list(shape)}")
-        self.w = {n: sd[n].detach().to(dtype).clone() for n in want}
-        self.inv_freq = rope_inv_freq(cfg)
-        self.decides = dms is not None and not dms.teacher_mode
+        try:
+            check_state_dict(cfg, dms, sd, source)
+        except ConversionError as e:  # an unknown family
+            raise ModelLoadError(str(e)) from None
+        self.w = {n: sd[n].detach().to(dtype).clone() for n in sd}
+        self.inv_freq = rope_inv_freq(cfg.kv_channels, cfg.rotary_base,
+                                      cfg.rope_scaling_factor if cfg.rope_scaling == "llama3" else None)
+        self.decides = dms is not None
 
     # ---- pieces the engine calls -------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -155,7 +107,8 @@ class DecoderModel(torch.nn.Module):
                 q = zero_borrowed_neuron(q, ng)
             else:
                 a = rms_norm(x, w[p + "self_attn.dms_proj_alpha_norm.weight"], cfg.norm_epsilon)
-                decisions = F.linear(a, w[p + "self_attn.dms_proj_alpha.weight"]) * d.alpha_scale - d.alpha_offset
+                decisions = projection_decision_logits(F.linear(a, w[p + "self_attn.dms_proj_alpha.weight"]),
+                                                       d.alpha_scale, d.alpha_offset)
             decisions = apply_alpha_per(decisions, d.alpha_per).transpose(1, 2).contiguous()  # [b, ng, s]
         q = apply_rope(q.transpose(1, 2), positions, self.inv_freq)  # [b, np, s, hn]
         k = apply_rope(k.transpose(1, 2), positions, self.inv_freq)  # [b, ng, s, hn]
@@ -203,4 +156,4 @@ class DecoderModel(torch.nn.Module):
                                               is_causal=True, scale=self.softmax_scale)
 
 
-__all__ = ["DecoderModel", "ModelLoadError", "rms_norm", "rope_inv_freq", "apply_rope", "expected_tensors"]
+__all__ = ["DecoderModel", "ModelLoadError", "check_state_dict"]

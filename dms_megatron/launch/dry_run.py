@@ -1,9 +1,13 @@
-"""``dms-dryrun``: what a re-fit config would do on its parallel layout, without starting training.
+"""``dms-dryrun``: what a re-fit config would do on its GPU cluster layout, without starting training.
 
 Takes the same overrides as ``dms-refit`` (e.g. ``dms-dryrun parallel=h100_256 model=qwen3-8b train=paper
 dms=paper``), validates them and the layout against the model (the same one-line errors as the trainer), and prints
 which global ranks form each tensor / pipeline / data-parallel group (megatron-core's rank order), a per-GPU memory
-estimate and the tokens per optimizer step. Creates no process group and no run directory.
+estimate for the configured precision and optimizer, whether it fits the GPU (``--gpu-memory-gib``, default 80: an
+H100) and the tokens per optimizer step. Creates no process group and no run directory. Exit status: 0 fits, 1 does
+not fit, 2 bad input.
+
+  dms-dryrun [--gpu-memory-gib 141] OVERRIDES...
 """
 
 from __future__ import annotations
@@ -11,7 +15,15 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from megatron.core.parallel_state import RankGenerator
+
+from dms_megatron.config import ConfigError, RefitConfig
+from dms_megatron.core.attention import resolve_backend
+from dms_megatron.launch.hydra_cli import fail, preflight, register_schema
+from dms_megatron.megatron.distributed import validate_model_layout
+
 GIB = 1024 ** 3
+PROG = "dms-dryrun"
 
 
 @dataclass
@@ -20,13 +32,13 @@ class MemoryEstimate:
 
     student_params: int
     grads: int
-    adam: int
+    optimizer: int
     teacher_params: int
     activations: int
 
     @property
     def total(self) -> int:
-        return self.student_params + self.grads + self.adam + self.teacher_params + self.activations
+        return self.student_params + self.grads + self.optimizer + self.teacher_params + self.activations
 
 
 def layer_params(mc, dms) -> int:
@@ -49,39 +61,47 @@ def stage_params(mc, dms, tp: int, pp: int) -> int:
 
 
 def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4) -> int:
-    """Stored activations of the busiest stage: per layer ~ s*b*h*(34 + 5*a*s/h) 16-bit bytes without recompute
-    (Korthikanti et al. 2022), scaled to ``bytes_per`` and divided by tp (all of it with sequence parallel, the
-    attention/MLP part without), plus the DMS dense bias [b, heads, s, s] when dms.backend=dense; 1F1B keeps up to pp
-    micro batches in flight on the first stage. The teacher runs without grad (one layer's buffers, not counted)."""
+    """Stored activations of the busiest stage: per layer ~ s*b*h*34 16-bit bytes without recompute (Korthikanti et
+    al. 2022; the 5*a*s^2 attention-score term only for a backend that materialises scores, i.e. dense), scaled to
+    ``bytes_per`` and divided by tp (all of it with sequence parallel, the attention/MLP part without), plus the DMS
+    dense bias [b, heads, s, s] when the backend is dense; 1F1B keeps up to pp micro batches in flight on the first
+    stage. The teacher runs without grad (one layer's buffers, not counted)."""
     mc, t, s, b = cfg.model, cfg.train, cfg.train.seq_length, cfg.train.micro_batch_size
     h, a = mc.hidden_size, mc.num_attention_heads
-    per_layer_16 = s * b * h * 34 + 5 * a * s * s * b
+    dense = resolve_backend(cfg.dms.backend, "cuda")[0] == "dense"
+    per_layer_16 = s * b * h * 34 + (5 * a * s * s * b if dense else 0)
     if cfg.parallel.sequence_parallel:
         per_layer_16 //= tp
     else:
-        per_layer_16 = s * b * h * 10 + (s * b * h * 24 + 5 * a * s * s * b) // tp
+            per_layer_16 = s * b * h * 10 + (s * b * h * 24 + (5 * a * s * s * b if dense else 0)) // tp
     per_layer = per_layer_16 * bytes_per // 2
-    if cfg.dms.backend == "dense":
+    if dense:
         per_layer += b * (a // tp) * s * s * bytes_per
     num_micro = max(1, t.global_batch_size // (t.micro_batch_size * dp))
     return per_layer * (mc.num_layers // pp) * min(pp, num_micro)
 
 
+def precision_on_gpu(cfg) -> str:
+    return "bf16" if cfg.train.precision in ("auto", "bf16") else "fp32"
+
+
 def estimate(cfg, dp: int) -> MemoryEstimate:
-    """fp32 weights, fp32 gradient buffers and fp32 Adam moments (the trainer's dtypes; non-distributed optimizer)."""
+    """The trainer's dtypes on GPU: parameters (student and teacher) in the train precision; fp32 gradient buffers;
+    Adam moments and, with bf16 parameters, fp32 main parameters in the optimizer, sharded over dp with
+    ``train.distributed_optimizer``."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    pbytes = 2 if precision_on_gpu(cfg) == "bf16" else 4
     student = stage_params(cfg.model, cfg.dms, tp, pp)
     trainable = student if cfg.train.mode == "full" else (
         cfg.model.num_layers // pp * (cfg.model.hidden_size + cfg.model.hidden_size * cfg.model.num_query_groups // tp))
     teacher = stage_params(cfg.model, None, tp, pp)
-    return MemoryEstimate(student_params=4 * student, grads=4 * trainable, adam=8 * trainable,
-                          teacher_params=4 * teacher, activations=activation_bytes(cfg, tp, pp, dp))
+    optim = (8 + (4 if pbytes == 2 else 0)) * trainable // (dp if cfg.train.distributed_optimizer else 1)
+    return MemoryEstimate(student_params=pbytes * student, grads=4 * trainable, optimizer=optim,
+                          teacher_params=pbytes * teacher, activations=activation_bytes(cfg, tp, pp, dp, pbytes))
 
 
 def rank_groups(tp: int, pp: int, dp: int) -> dict:
     """Global ranks of every tp / pp / dp group, in megatron-core's default order (tp fastest, then dp, then pp)."""
-    from megatron.core.parallel_state import RankGenerator
-
     gen = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
     return {k: gen.get_ranks(k) for k in ("tp", "pp", "dp")}
 
@@ -95,22 +115,18 @@ def _fmt_groups(groups, limit: int = 4) -> str:
     return shown + (f", ... ({len(groups)} groups)" if len(groups) > limit else "")
 
 
-def describe(cfg) -> str:
-    """The dry-run text for a validated RefitConfig (raises ValueError for a layout that does not fit)."""
-    from dms_megatron.megatron.distributed import validate_model_layout
-
+def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
+    """(the dry-run text, whether it fits) for a validated RefitConfig (ValueError for a layout that does not
+    fit the model)."""
     p, t = cfg.parallel, cfg.train
     world = p.world_size
     dp = validate_model_layout(cfg.model, p.tp, p.pp, world, sequence_parallel=p.sequence_parallel,
                                seq_length=t.seq_length)
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                         f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")
     g = rank_groups(p.tp, p.pp, dp)
     m = estimate(cfg, dp)
     mc = cfg.model
     lines = [
-        f"layout: world {world} = {p.nnodes} node(s) x {p.nproc_per_node or p.tp * p.pp} GPUs; tp={p.tp} pp={p.pp} "
+        f"layout: world {world} = {p.nnodes} node(s) x {p.ranks_per_node} GPUs; tp={p.tp} pp={p.pp} "
         f"dp={dp}; sequence_parallel={p.sequence_parallel}",
         f"model: {mc.family} {mc.num_layers} layers (pp stage: {mc.num_layers // p.pp}), {mc.num_attention_heads} "
         f"heads / {mc.num_query_groups} KV heads (per tp rank: {mc.num_attention_heads // p.tp} / "
@@ -124,45 +140,47 @@ def describe(cfg) -> str:
         f"batch: micro {t.micro_batch_size} x {t.global_batch_size // (t.micro_batch_size * dp)} micro batches x dp "
         f"{dp} = global {t.global_batch_size} sequences of {t.seq_length} -> {t.global_batch_size * t.seq_length:,} "
         f"tokens per step ({t.global_batch_size * t.seq_length * t.steps:,} in {t.steps} steps)",
-        "memory per GPU, busiest pipeline stage (fp32 weights/grads/Adam as the trainer runs; estimate):",
+        f"memory per GPU, busiest pipeline stage ({precision_on_gpu(cfg)} parameters, fp32 grads, Adam"
+        f"{' + fp32 main params' if precision_on_gpu(cfg) == 'bf16' else ''}"
+        f"{', distributed optimizer' if t.distributed_optimizer else ''}; estimate):",
         f"  student params {_size(m.student_params)}",
         f"  grads          {_size(m.grads)}",
-        f"  Adam moments   {_size(m.adam)}",
+        f"  optimizer      {_size(m.optimizer)}  (Adam moments"
+        f"{' + fp32 main params' if precision_on_gpu(cfg) == 'bf16' else ''})",
         f"  teacher copy   {_size(m.teacher_params)}",
         f"  activations    {_size(m.activations)}  (incl. K/V; seq {t.seq_length}, micro batch "
         f"{t.micro_batch_size}, dms.backend={cfg.dms.backend}, no recompute)",
         f"  total          {_size(m.total)}",
     ]
-    return "\n".join(lines)
+    fits = m.total <= gpu_memory_gib * GIB
+    lines.append(f"fits a {gpu_memory_gib:g} GiB GPU" if fits else
+                 f"DOES NOT FIT a {gpu_memory_gib:g} GiB GPU ({m.total / GIB:,.1f} GiB): lower "
+                 f"train.micro_batch_size or train.seq_length, raise parallel.tp / parallel.pp, or set "
+                 f"train.distributed_optimizer=true")
+    return "\n".join(lines), fits
 
 
 def main(argv=None) -> int:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from dms_megatron.config import ConfigError
-    from dms_megatron.launch.refit import CONFIG_DIR, register_configs
-    from dms_megatron.training.config import RefitConfig
-
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in overrides):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        dcfg = compose(config_name="refit", overrides=overrides)
-    container = OmegaConf.to_container(dcfg, resolve=True)
-    container.pop("hydra", None)
+    gib = 80.0
+    if "--gpu-memory-gib" in args:
+        i = args.index("--gpu-memory-gib")
+        try:
+            gib = float(args[i + 1])
+        except (IndexError, ValueError):
+            fail("--gpu-memory-gib needs a number (GiB per GPU)", PROG)
+        del args[i:i + 2]
+    register_schema("refit_schema", RefitConfig)
+    cfg = preflight("refit", args, RefitConfig, RefitConfig.from_dict, PROG)
     try:
-        cfg = RefitConfig.from_dict(container)
-        print(describe(cfg))
+        text, fits = describe(cfg, gib)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        fail(str(e), PROG)
+    print(text)
+    return 0 if fits else 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
 import yaml
+from rich.console import Console
+from rich.table import Table
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 COLUMNS = ("run", "final_cr", "window", "state", "achieved_cr", "kept_fraction", "kl_to_teacher",
            "student_recall_acc", "teacher_recall_acc", "steps", "tokens_per_s")
@@ -79,9 +85,6 @@ def _fmt(v) -> str:
 
 
 def print_table(rows: list, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=title)
     for c in COLUMNS:
         t.add_column(c, justify="left" if c in ("run", "state") else "right")
@@ -91,11 +94,6 @@ def print_table(rows: list, title: str) -> None:
 
 
 def plot(rows: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in rows if r["state"] == "FINISHED" and r["final_cr"] is not None]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for w in sorted({r["window"] for r in done}, key=lambda x: (x is None, x)):

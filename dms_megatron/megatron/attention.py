@@ -2,12 +2,15 @@
 applies delayed eviction.
 
 Data flow in one layer (s sequence, b batch, np/ng local query/KV heads, hn head dim):
-  DMSTransformerLayer stashes its input (the pre-norm residual stream, [s, b, h]) for the adapter variant;
+  DMSTransformerLayer hands its input (the pre-norm residual stream, [s, b, h]) to the adapter variant;
   DMSSelfAttention.get_query_key_value_tensors -> query [s, b, np, hn] (pre-RoPE) -> decision logits [s, b, ng]
-     (q-neuron: borrowed neuron * scale - offset, then the neuron is zeroed; adapter: Linear(RMSNorm(h_pre)));
-  megatron applies RoPE;
-  DMSCoreAttention.forward zeroes the neuron again (post-RoPE), turns logits into per-key eviction scores and calls
-     the dense or flex kernel from ``dms_megatron.core.attention``.
+     (q-neuron: borrowed neuron * scale - offset, then the neuron is zeroed; adapter: Linear(RMSNorm(h_pre)))
+     -> ``DecisionChannel.send``;
+  megatron applies RoPE and calls the core attention;
+  DMSCoreAttention.forward -> ``DecisionChannel.receive``, zeroes the neuron again (post-RoPE), turns the logits into
+     per-key eviction scores and calls the kernel from ``dms_megatron.core.attention``.
+What the layer does (train / hard / teacher) comes only from the ``DMSRuntime`` of the forward
+(``runtime.dms_forward``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from dms_megatron.config import DMSConfig
-from dms_megatron.core.attention import BACKENDS
+from dms_megatron.core.attention import resolve_backend
 from dms_megatron.core.gating import (
     global_ids,
     gumbel_sigmoid,
+    hard_decisions,
     logistic_noise,
     projection_decision_logits,
     qneuron_decision_logits,
@@ -34,11 +38,35 @@ from dms_megatron.core.gating import (
 )
 from dms_megatron.core.losses import evicted_fraction
 from dms_megatron.core.masks import decisions_to_key_logits
+from dms_megatron.core.norms import rms_norm
 from dms_megatron.megatron.collectives import all_reduce_sum
+from dms_megatron.megatron.runtime import DMSRuntime
+
+
+class DecisionChannel:
+    """The hand-off of one forward's decision logits [s, b, ng_local] from the self-attention (which computes them
+    before RoPE) to its core attention (which applies them). Exactly one ``send`` per ``receive``; anything else is a
+    wiring error and raises."""
+
+    def __init__(self) -> None:
+        self._logits: Optional[torch.Tensor] = None
+        self._sent = False
+
+    def send(self, logits: Optional[torch.Tensor]) -> None:
+        if self._sent:
+            raise RuntimeError("DMS decision logits sent twice without being consumed by the core attention")
+        self._logits, self._sent = logits, True
+
+    def receive(self) -> Optional[torch.Tensor]:
+        if not self._sent:
+            raise RuntimeError("DMS core attention ran without decision logits from its self-attention (build the "
+                               "layer with get_gpt_layer_dms_spec)")
+        logits, self._logits, self._sent = self._logits, None, False
+        return logits
 
 
 class DMSAlphaNorm(torch.nn.Module):
-    """RMSNorm of the adapter (same math as Hugging Face's Llama/Qwen RMSNorm: fp32 statistics, then * weight)."""
+    """RMSNorm of the adapter (``core.norms.rms_norm``: Hugging Face's Llama/Qwen math)."""
 
     def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False):
         super().__init__()
@@ -48,9 +76,7 @@ class DMSAlphaNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _zero_init(weight: torch.Tensor) -> torch.Tensor:
@@ -58,17 +84,18 @@ def _zero_init(weight: torch.Tensor) -> torch.Tensor:
 
 
 class DMSTransformerLayer(TransformerLayer):
-    """TransformerLayer that hands its input (the pre-attention-norm residual stream) to the DMS adapter."""
+    """TransformerLayer that hands its input (the pre-attention-norm residual stream) to the DMS adapter for the
+    duration of the attention call."""
 
     def _forward_attention(self, hidden_states, *args, **kwargs):
         attn = self.self_attention
-        if getattr(attn, "needs_pre_norm_input", False):
-            attn.dms_pre_norm_input = hidden_states
+        if not attn.needs_pre_norm_input:
+            return super()._forward_attention(hidden_states, *args, **kwargs)
+        attn.dms_pre_norm_input = hidden_states
         try:
             return super()._forward_attention(hidden_states, *args, **kwargs)
         finally:
-            if getattr(attn, "needs_pre_norm_input", False):
-                attn.dms_pre_norm_input = None
+            attn.dms_pre_norm_input = None
 
 
 class DMSSelfAttention(SelfAttention):
@@ -85,7 +112,7 @@ class DMSSelfAttention(SelfAttention):
             )
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         self.dms_config = dms_config
-        self.dms_runtime = None
+        self.dms_runtime: Optional[DMSRuntime] = None  # bound by runtime.dms_forward for one forward
         self.dms_pre_norm_input: Optional[torch.Tensor] = None
         self.num_groups_local = self.num_query_groups_per_partition
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -102,19 +129,16 @@ class DMSSelfAttention(SelfAttention):
                             "(build the layer with get_gpt_layer_dms_spec)")
         self.core_attention.bind(self)
 
-    # -- mode ---------------------------------------------------------------------------------------------------
-    def dms_mode(self) -> str:
-        if self.dms_config.teacher_mode:
-            return "teacher"
-        if self.dms_runtime is not None:
-            return self.dms_runtime.mode
-        return "train" if self.training else "hard"
+    def runtime(self) -> DMSRuntime:
+        if self.dms_runtime is None:
+            raise RuntimeError(f"DMS layer {self.layer_number} ran outside a DMS forward: run the model under "
+                               f"`with dms_forward(model, DMSRuntime(mode=...))` (dms_megatron.megatron.runtime)")
+        return self.dms_runtime
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
         out = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)
-        mode = self.dms_mode()
-        if mode == "teacher":
-            self.core_attention.pending_logits = None
+        if self.runtime().mode == "teacher":
+            self.core_attention.channel.send(None)
             return out
         if not isinstance(out, tuple) or len(out) < 3 or isinstance(out[1], list):
             raise RuntimeError("DMS needs split query/key/value tensors (disable fused_single_qkv_rope)")
@@ -130,7 +154,7 @@ class DMSSelfAttention(SelfAttention):
                                    "get_gpt_layer_dms_spec (DMSTransformerLayer)")
             proj, _ = self.dms_alpha_proj(self.dms_alpha_norm(pre))  # [s, b, ng_local]
             logits = projection_decision_logits(proj, cfg.alpha_scale, cfg.alpha_offset)
-        self.core_attention.pending_logits = logits  # [s, b, ng_local], consumed by the core attention
+        self.core_attention.channel.send(logits)  # [s, b, ng_local]
         return (query,) + tuple(out[1:])
 
 
@@ -150,19 +174,12 @@ class DMSCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(hn)
         if config.apply_query_key_layer_scaling:
             raise NotImplementedError("apply_query_key_layer_scaling is not supported by DMS attention")
-        self.kernel = BACKENDS[dms_config.backend]
-        self.pending_logits: Optional[torch.Tensor] = None
+        self.channel = DecisionChannel()
         self._owner = None
 
     def bind(self, owner: DMSSelfAttention) -> None:
         # A plain attribute (not a submodule): the owner holds this module, not the other way round.
         object.__setattr__(self, "_owner", owner)
-
-    def _runtime(self):
-        return None if self._owner is None else self._owner.dms_runtime
-
-    def _layer_global(self) -> int:
-        return self._owner.layer_number if self._owner is not None else self.layer_number
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
@@ -170,7 +187,8 @@ class DMSCoreAttention(MegatronModule):
             raise NotImplementedError("DMS attention does not support packed sequences (THD format)")
         if attention_bias is not None:
             raise NotImplementedError("DMS attention does not take an external attention_bias")
-        logits, self.pending_logits = self.pending_logits, None
+        logits = self.channel.receive()
+        kernel = resolve_backend(self.dms_config.backend, query.device.type)[1]
         sq, b, np_, hn = query.shape
         ng = key.shape[2]
         cfg = self.dms_config
@@ -180,9 +198,9 @@ class DMSCoreAttention(MegatronModule):
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
         v = value.permute(1, 2, 0, 3)
         if logits is None:  # teacher mode: the original model
-            out = self.kernel(q, k, v, None, cfg.window, self.softmax_scale)
+            out = kernel(q, k, v, None, cfg.window, self.softmax_scale)
         else:
-            out = self._dms_attention(q, k, v, logits.permute(1, 2, 0))  # logits -> [b, ng, s]
+            out = self._dms_attention(kernel, q, k, v, logits.permute(1, 2, 0))  # logits -> [b, ng, s]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
     def _head0(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,37 +216,31 @@ class DMSCoreAttention(MegatronModule):
                                    parallel_state.get_tensor_model_parallel_group())
         return head0.expand_as(x)
 
-    def _dms_attention(self, q, k, v, logits):
-        cfg = self.dms_config
-        owner = self._owner
-        mode = owner.dms_mode() if owner is not None else "hard"
-        rt = self._runtime()
+    def _dms_attention(self, kernel, q, k, v, logits):
+        cfg, owner = self.dms_config, self._owner
+        rt = owner.runtime()
         b, ng, s = logits.shape
-        layer = self._layer_global()
-        valid = None if rt is None else rt.valid
-        if mode == "train":
-            seed, step = (0, 0) if rt is None else (rt.seed, rt.step)
-            sample_ids = rt.sample_ids if rt is not None and rt.sample_ids is not None else torch.arange(b)
-            tp_rank = owner.tp_rank if owner is not None else 0
-            noise = logistic_noise(seed, step, layer, sample_ids, global_ids(tp_rank * ng, ng),
+        layer = owner.layer_number
+        if rt.mode == "train":
+            sample_ids = rt.sample_ids if rt.sample_ids is not None else torch.arange(b)
+            noise = logistic_noise(rt.seed, rt.step, layer, sample_ids, global_ids(owner.tp_rank * ng, ng),
                                    torch.arange(s, device=logits.device), dtype=logits.dtype)
             _, hard, noisy = gumbel_sigmoid(logits, noise, cfg.tau)  # each [b, ng, s]
             if cfg.alpha_per == "layer":
                 hard, noisy = self._head0(hard), self._head0(noisy)
             key_scores = decisions_to_key_logits(noisy)  # key k <- position k+1; last key: -inf (keep)
-            out = self.kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=False)
+            out = kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=False)
             decisions = hard
         else:
             if cfg.alpha_per == "layer":
                 logits = self._head0(logits)
             key_scores = decisions_to_key_logits(logits)
-            out = self.kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=True)
-            decisions = (logits > 0).to(logits.dtype)
-        if rt is not None:
-            rt.fractions[layer] = evicted_fraction(decisions, valid)
-            if rt.record_flags:
-                rt.key_flags[layer] = decisions_to_key_logits(decisions.detach() > 0.5, fill=False)
-                rt.logits[layer] = logits.detach()
+            out = kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=True)
+            decisions = hard_decisions(logits).to(logits.dtype)
+        rt.fractions[layer] = evicted_fraction(decisions, rt.valid)
+        if rt.record_flags:
+            rt.key_flags[layer] = decisions_to_key_logits(decisions.detach() > 0.5, fill=False)
+            rt.logits[layer] = logits.detach()
         return out
 
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
+from megatron.core.fusions import fused_softmax
+from megatron.core.optimizer import clip_grads, optimizer
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.transformer import torch_norm
+from megatron.core.transformer import utils as mutils
 
 _APPLIED = False
 
@@ -71,8 +77,6 @@ def _patch_rng_tracker() -> None:
     # Error: "Torch not compiled with CUDA enabled" in torch.cuda.get_rng_state, raised by
     # model_parallel_cuda_manual_seed -> CudaRNGStatesTracker.add. Fix: make initialize_rng_tracker install the
     # CPU tracker above (model_parallel_cuda_manual_seed looks both names up as module globals).
-    from megatron.core.tensor_parallel import random as mrandom
-
     def initialize_rng_tracker(*args, force_reset: bool = False, **kwargs):
         if mrandom._CUDA_RNG_STATE_TRACKER is None or force_reset or not isinstance(
                 mrandom._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
@@ -196,11 +200,6 @@ def _patch_default_causal_mask() -> None:
     # Error: "Torch not compiled with CUDA enabled" from megatron.core.transformer.utils.get_default_causal_mask
     # (torch.ones(sq, sq, device="cuda")) inside FusedScaleMaskSoftmax.forward_torch_softmax, i.e. every stock
     # DotProductAttention forward with a causal mask. Fix: the same mask built on CPU (cached like the original).
-    import functools
-
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.transformer import utils as mutils
-
     @functools.lru_cache(maxsize=32)
     def get_default_causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
@@ -213,8 +212,6 @@ def _patch_clip_grads() -> None:
     # Error: AssertionError at `param.grad.type() == 'torch.cuda.FloatTensor'` in
     # megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32 (called by MegatronOptimizer.step when
     # clip_grad > 0). Fix: the same in-place scaling by max_norm / (total_norm + 1e-6), without the CUDA assert.
-    from megatron.core.optimizer import clip_grads, optimizer
-
     def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
@@ -233,13 +230,36 @@ def _patch_clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+def _patch_float16_optimizer() -> None:
+    # Error: TypeError "Wrapped parameters must be one of torch.cuda.FloatTensor, torch.cuda.HalfTensor, or
+    # torch.cuda.BFloat16Tensor. Received torch.BFloat16Tensor" in Float16OptimizerWithFloat16Params.__init__ (the
+    # bf16 mixed-precision optimizer: fp32 main copies of bf16 parameters), which sorts parameters by their CUDA type
+    # name. Fix: while it sorts, a CPU tensor reports the CUDA name of its dtype (nothing else is CUDA-specific).
+    cls = optimizer.Float16OptimizerWithFloat16Params
+    original_init, original_type = cls.__init__, torch.Tensor.type
+    names = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+             torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+    def cuda_named_type(self, *args, **kwargs):
+        if args or kwargs or self.dtype not in names:
+            return original_type(self, *args, **kwargs)
+        return names[self.dtype]
+
+    def __init__(self, *args, **kwargs):
+        torch.Tensor.type = cuda_named_type
+        try:
+            original_init(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = original_type
+
+    cls.__init__ = __init__
+
+
 def _patch_torch_norm_sequence_parallel() -> None:
     # Error: AssertionError "sequence parallel not supported by torch LayerNorm" in
     # megatron.core.transformer.torch_norm.WrappedTorchNorm (every norm of the local spec when apex is absent, i.e.
     # always on CPU). Fix: the same torch norm, its weight marked `.sequence_parallel` so finalize_model_grads
     # all-reduces its partial (sequence-shard) gradients over the tensor-parallel group, as megatron's fused norms do.
-    from megatron.core.transformer import torch_norm
-
     original = torch_norm.WrappedTorchNorm.__new__
 
     def __new__(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
@@ -271,6 +291,7 @@ def apply_cpu_compat() -> bool:
     _patch_pin_memory()
     _patch_default_causal_mask()
     _patch_clip_grads()
+    _patch_float16_optimizer()
     _patch_torch_norm_sequence_parallel()
     _APPLIED = True
     return True

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from dms_megatron.megatron.compat import apply_cpu_compat
 
@@ -90,9 +92,6 @@ def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int 
     Uses torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT when present, otherwise a single local process.
     Safe to call again after ``destroy_process_groups()`` (tests do).
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     apply_cpu_compat()
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -118,8 +117,6 @@ def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int 
 
 def destroy_process_groups() -> None:
     """Tear down megatron's groups and the default process group (if any)."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dms_megatron.config import DMSConfig, ModelConfig
 from dms_megatron.megatron.compat import apply_cpu_compat
+from dms_megatron.megatron.spec import get_gpt_layer_dms_spec, get_gpt_layer_stock_spec
+
+
+def params_dtype(precision: str) -> torch.dtype:
+    """The parameter dtype of ``train.precision``: "auto" is bf16 on CUDA and fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"train.precision={precision!r}: allowed values are auto, bf16, fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
-                       **overrides) -> TransformerConfig:
-    """Megatron TransformerConfig for a Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no linear bias)."""
+                       precision: str = "fp32", **overrides) -> TransformerConfig:
+    """Megatron TransformerConfig for a Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no linear bias).
+    ``precision`` "bf16": bf16 parameters, activations and pipeline messages (the optimizer keeps fp32 copies)."""
     on_gpu = torch.cuda.is_available()
+    dtype = params_dtype(precision)
     kw = dict(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -38,9 +51,9 @@ def transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, sequ
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=not on_gpu,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        bf16=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         # Fusions need transformer-engine / apex kernels; keep them off (and always off on CPU).
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
@@ -55,17 +68,14 @@ def transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, sequ
 
 def build_gpt_model(model_cfg: ModelConfig, dms_cfg: Optional[DMSConfig] = None, *, seq_length: int,
                     pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                    config: Optional[TransformerConfig] = None, vp_stage: Optional[int] = None):
-    """A megatron-core GPTModel for this rank. ``dms_cfg=None`` -> stock model (local spec), else DMS spec.
+                    config: Optional[TransformerConfig] = None, vp_stage: Optional[int] = None,
+                    fused_attention: Optional[bool] = None):
+    """A megatron-core GPTModel for this rank. ``dms_cfg=None`` -> stock model, else the DMS student, in the layer
+    spec ``model_cfg.spec`` (``spec.py``; ``fused_attention`` overrides where the stock local spec uses SDPA).
 
     pre_process / post_process default to this rank's pipeline position. The DMS config (or None) is attached as
     ``model.dms_config`` and the architecture as ``model.model_config``.
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    from dms_megatron.megatron.spec import get_gpt_layer_dms_spec, get_gpt_layer_local_stock_spec
-
     apply_cpu_compat()
     if config is None:
         config = transformer_config(
@@ -77,9 +87,9 @@ def build_gpt_model(model_cfg: ModelConfig, dms_cfg: Optional[DMSConfig] = None,
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if dms_cfg is None:
-        spec = get_gpt_layer_local_stock_spec(qk_layernorm=model_cfg.qk_layernorm)
+        spec = get_gpt_layer_stock_spec(model_cfg, fused_attention)
     else:
-        spec = get_gpt_layer_dms_spec(dms_cfg, qk_layernorm=model_cfg.qk_layernorm)
+        spec = get_gpt_layer_dms_spec(dms_cfg, model_cfg)
     rope_kwargs = {}
     if model_cfg.rope_scaling == "llama3":
         rope_kwargs = dict(rope_scaling=True, rope_scaling_factor=model_cfg.rope_scaling_factor)
@@ -102,10 +112,4 @@ def build_gpt_model(model_cfg: ModelConfig, dms_cfg: Optional[DMSConfig] = None,
     return model
 
 
-def config_dicts(model) -> dict:
-    """The architecture and DMS settings of a built model as plain dicts (for checkpoints and reports)."""
-    dms = getattr(model, "dms_config", None)
-    return {"model_config": asdict(model.model_config), "dms_config": None if dms is None else asdict(dms)}
-
-
-__all__ = ["transformer_config", "build_gpt_model", "config_dicts"]
+__all__ = ["transformer_config", "build_gpt_model", "params_dtype"]

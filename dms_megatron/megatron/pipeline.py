@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from dms_megatron.training.parallel_loss import pack_stage_output, stage_fraction_sum, unpack_stage_input
+from dms_megatron.megatron.parallel_loss import pack_stage_output, stage_fraction_sum, unpack_stage_input
+from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
 
 def pipeline_micro_batch_size(micro_batch_size: int) -> int:
@@ -69,11 +70,9 @@ class DistillationStage(MegatronModule):
             input_tensor = input_tensor[0]
         self._input = input_tensor
 
-    def forward(self, tokens, position_ids, attention_mask=None, runtime=None):
+    def forward(self, tokens, position_ids, attention_mask=None, runtime: Optional[DMSRuntime] = None):
         """tokens, position_ids: [b, s] (read by the first stage only). ``runtime``: the student's DMSRuntime for
         this micro batch (its ``fractions`` are filled by this stage's layers)."""
-        from dms_megatron.megatron.runtime import attach_runtime
-
         b = tokens.shape[0]
         carry = None
         if self.pre_process:
@@ -87,11 +86,12 @@ class DistillationStage(MegatronModule):
             self.teacher.set_input_tensor(hidden[:, b:2 * b].detach().contiguous())
         with torch.no_grad():
             t_out = self.teacher(tokens, position_ids, attention_mask)
-        if runtime is not None:
-            runtime.clear()
-        attach_runtime(self.student, runtime)
-        s_out = self.student(tokens, position_ids, attention_mask)
-        if runtime is not None and runtime.mode == "train":
+        if runtime is None:
+            raise ValueError("DistillationStage.forward needs the student's DMSRuntime")
+        runtime.clear()
+        with dms_forward(self.student, runtime):
+            s_out = self.student(tokens, position_ids, attention_mask)
+        if runtime.mode == "train":
             local = stage_fraction_sum(runtime.fractions)
             carry = local if carry is None else carry + local
         if carry is None:

@@ -1,9 +1,19 @@
-"""Per-forward DMS state shared by every DMS attention layer of a model (set by the trainer / evaluator)."""
+"""Per-forward DMS state: the one source of what every DMS layer of a model does on a forward, and what it saw.
+
+A DMS model has no mode of its own (neither ``module.training`` nor its config decides): each forward runs under
+
+    with dms_forward(model, DMSRuntime(mode="train", step=step, sample_ids=ids)):
+        logits = model(tokens, position_ids, None)
+
+and a DMS layer that runs outside such a block raises. The block binds the runtime to every DMS attention module
+for its duration only, so no state outlives the forward.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -50,19 +60,27 @@ class DMSRuntime:
         return torch.stack([self.fractions[k] for k in sorted(self.fractions)]).mean(0)
 
 
-def attach_runtime(model: torch.nn.Module, runtime: Optional[DMSRuntime]) -> int:
-    """Point every DMS attention module of ``model`` (a module or a list of chunks) at ``runtime``.
-
-    Returns the number of DMS attention modules found (0 for a stock model).
-    """
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    n = 0
-    for chunk in chunks:
+def dms_modules(model) -> Iterator[torch.nn.Module]:
+    """Every DMS attention module of ``model`` (a module or a list of model chunks)."""
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
         for m in chunk.modules():
             if getattr(m, "is_dms_attention", False):
-                m.dms_runtime = runtime
-                n += 1
-    return n
+                yield m
 
 
-__all__ = ["DMSRuntime", "attach_runtime", "MODES"]
+@contextlib.contextmanager
+def dms_forward(model, runtime: DMSRuntime):
+    """Run the DMS layers of ``model`` under ``runtime`` for the duration of the block (a stock model: no-op)."""
+    mods = list(dms_modules(model))
+    for m in mods:
+        if m.dms_runtime is not None and m.dms_runtime is not runtime:
+            raise RuntimeError("dms_forward blocks of one model may not nest with different runtimes")
+        m.dms_runtime = runtime
+    try:
+        yield runtime
+    finally:
+        for m in mods:
+            m.dms_runtime = None
+
+
+__all__ = ["DMSRuntime", "dms_forward", "dms_modules", "MODES"]

@@ -1,17 +1,52 @@
-"""GPT layer specs with DMS attention swapped into megatron-core's stock specs."""
+"""GPT layer specs: megatron-core's local or Transformer Engine spec (``model.spec``), for the stock teacher / plain
+model and with DMS attention swapped in for the student.
+
+local: megatron's own modules; on CUDA its core attention is ``SDPACoreAttention`` (fused torch SDPA: no L x L
+scores), on CPU megatron's ``DotProductAttention``. te: megatron's Transformer Engine spec (fused norms + linears,
+TE's fused attention); needs transformer-engine, one-line error naming the fix otherwise. DMS students always use
+DMS's own core attention (the kernel of ``dms.backend``).
+"""
 
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                      get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from dms_megatron.config import DMSConfig
+from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
 from dms_megatron.megatron.attention import DMSCoreAttention, DMSSelfAttention, DMSTransformerLayer
+from dms_megatron.megatron.core_attention import SDPACoreAttention
+
+TE_FIX = "model.spec=te needs transformer-engine: pip install -e '.[gpu]' on a CUDA machine (or model.spec=local)"
 
 
-def _swap_in_dms(spec: ModuleSpec, dms_cfg: DMSConfig) -> ModuleSpec:
-    spec = copy.deepcopy(spec)
+def _te_spec(qk_layernorm: bool) -> ModuleSpec:
+    try:
+        import transformer_engine  # noqa: F401  (optional: only the te spec needs it; absent on CPU machines)
+    except ImportError:
+        raise ConfigError(TE_FIX) from None
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+
+
+def get_gpt_layer_stock_spec(model_cfg: ModelConfig, fused_attention: Optional[bool] = None) -> ModuleSpec:
+    """The teacher / plain layer of ``model_cfg.spec``. ``fused_attention`` (default: on CUDA) puts
+    ``SDPACoreAttention`` into the local spec."""
+    if model_cfg.spec == "te":
+        return _te_spec(model_cfg.qk_layernorm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+    if torch.cuda.is_available() if fused_attention is None else fused_attention:
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def get_gpt_layer_dms_spec(dms_cfg: DMSConfig, model_cfg: ModelConfig) -> ModuleSpec:
+    """The stock layer of ``model_cfg.spec`` with DMS self-attention, core attention and transformer layer."""
+    spec = copy.deepcopy(get_gpt_layer_stock_spec(model_cfg, fused_attention=False))
     spec.module = DMSTransformerLayer
     attn = spec.submodules.self_attention
     attn.module = DMSSelfAttention
@@ -20,32 +55,4 @@ def _swap_in_dms(spec: ModuleSpec, dms_cfg: DMSConfig) -> ModuleSpec:
     return spec
 
 
-def get_gpt_layer_local_stock_spec(*, qk_layernorm: bool = False) -> ModuleSpec:
-    """megatron-core's local (no transformer-engine) GPT layer with RMSNorm: the teacher / baseline layer."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
-
-
-def get_gpt_layer_dms_spec(dms_cfg: DMSConfig, *, qk_layernorm: bool = False, use_te: bool = False) -> ModuleSpec:
-    """GPT decoder layer spec with DMS self-attention, core attention and transformer layer.
-
-    use_te=False: megatron-core local modules (CPU and GPU). use_te=True: transformer-engine linear/norm modules
-    (GPU; needs the ``[gpu]`` extra); the core attention is always DMS's own (dense or flex backend).
-    """
-    if use_te:
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError as e:  # pragma: no cover - GPU-only path
-            raise ImportError(
-                "use_te=True needs transformer-engine: pip install -e '.[gpu]' on a CUDA machine"
-            ) from e
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        base = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    else:
-        base = get_gpt_layer_local_stock_spec(qk_layernorm=qk_layernorm)
-    return _swap_in_dms(base, dms_cfg)
-
-
-__all__ = ["get_gpt_layer_dms_spec", "get_gpt_layer_local_stock_spec"]
+__all__ = ["get_gpt_layer_stock_spec", "get_gpt_layer_dms_spec", "TE_FIX"]

@@ -1,1 +1,2 @@
-"""Re-fitting: run configuration, training loop, checkpoints, logging, evaluation and reports."""
+"""Re-fitting: the trainer and its stages, run inputs and initial weights, optimizer, metrics and logging,
+preemption, the run config's resume policy, evaluation and reports; the teacher's pre-training."""

@@ -1,82 +1,82 @@
-"""Evaluation helpers: LM loss, greedy decoding (full or DMS-evicted cache semantics), held-out DMS metrics."""
+"""Evaluation helpers over megatron models (tp = pp = 1): LM loss, teacher-forced predictions (full cache, or a DMS
+student's evicted cache: its hard-mode full forward equals decoding with physical eviction, which the tests prove),
+held-out KL and achieved compression."""
 
 from __future__ import annotations
 
-from typing import Callable, List
+import contextlib
+from typing import List, Optional, Sequence
 
 import torch
 
 from dms_megatron.core.losses import kd_loss
+from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean next-token cross-entropy. logits [b, s, V], labels/loss_mask [b, s]."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean next-token cross-entropy. logits [b, s, V], labels/weights [b, s] (0 = excluded)."""
     ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                            reduction="none")
-    m = loss_mask.reshape(-1).float()
-    return (ce * m).sum() / m.sum().clamp_min(1.0)
+    w = weights.reshape(-1).float()
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
-def greedy_predict_fn(model, vocab_size: int, runtime=None) -> Callable[[List[List[int]], int], List[List[int]]]:
-    """A batch greedy decoder over a megatron GPT model (tp=pp=1).
-
-    Each step re-runs the whole prefix: with ``runtime.mode == "hard"`` the DMS model's full forward equals decoding
-    with physical eviction (tested), so the predictions are those of the evicted cache. Prompts are batched by
-    equal length (up to 32 at a time; the recall evaluation set has one length).
-    """
-    from dms_megatron.megatron.runtime import attach_runtime
-
-    def predict(prompts: List[List[int]], n: int) -> List[List[int]]:
-        attach_runtime(model, runtime)
-        was_training = model.training
-        model.eval()
-        groups = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(len(p), []).append(i)
-        result = [None] * len(prompts)
-        with torch.no_grad():
-            for length, idx in groups.items():
-                for start in range(0, len(idx), 32):
-                    sel = idx[start:start + 32]
-                    toks = torch.tensor([prompts[i] for i in sel], dtype=torch.long)
-                    for _ in range(n):
-                        pos = torch.arange(toks.shape[1])[None].expand(toks.shape[0], -1)
-                        nxt = model(toks, pos, None)[:, -1, :vocab_size].argmax(-1)
-                        toks = torch.cat([toks, nxt[:, None]], dim=1)
-                    for j, i in enumerate(sel):
-                        result[i] = toks[j, length:].tolist()
-        model.train(was_training)
-        return result
-
-    return predict
+def _forward(model, tokens: torch.Tensor, runtime: Optional[DMSRuntime]) -> torch.Tensor:
+    pos = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
+    ctx = dms_forward(model, runtime) if runtime is not None else contextlib.nullcontext()
+    with ctx:
+        return model(tokens, pos, None)
 
 
 @torch.no_grad()
-def heldout_metrics(student, teacher, batches, vocab_size: int, runtime_cls) -> dict:
+def teacher_forced_predictions(model, sequences: Sequence[Sequence[int]], vocab_size: int,
+                               device: Optional[torch.device] = None, runtime_mode: Optional[str] = None,
+                               batch_size: int = 32) -> List[List[int]]:
+    """Greedy next-token prediction after every position of each sequence: out[i][t] = argmax p(. | seq[:t+1]).
+
+    Sequences of a batch are right-padded with their last token (causal attention: padding never affects earlier
+    positions). ``runtime_mode`` "hard" runs a DMS student with inference eviction, "teacher" without eviction."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    out: List[List[int]] = []
+    for i in range(0, len(sequences), batch_size):
+        group = [list(s) for s in sequences[i:i + batch_size]]
+        n = max(map(len, group))
+        tokens = torch.tensor([s + [s[-1]] * (n - len(s)) for s in group], device=device)
+        rt = DMSRuntime(mode=runtime_mode, record_flags=False) if runtime_mode else None
+        pred = _forward(model, tokens, rt)[..., :vocab_size].argmax(-1).cpu()
+        out += [pred[j, :len(s)].tolist() for j, s in enumerate(group)]
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def heldout_metrics(student, teacher, batches, vocab_size: int) -> dict:
     """KL(student_hard || teacher) per token and the kept-key fraction under hard decisions on held-out batches.
 
     ``achieved_cr`` = 1 / (fraction of keys whose final hard flag is "keep"), over all layers, KV heads and
     non-padding positions.
     """
-    from dms_megatron.megatron.runtime import attach_runtime
-
-    kl_sum, tok = 0.0, 0.0
-    kept, total = 0.0, 0.0
+    kl_sum, tok, kept, total = 0.0, 0.0, 0.0, 0.0
+    was_training = student.training
     student.eval()
     for b in batches:
-        rt = runtime_cls(mode="hard")
-        attach_runtime(student, rt)
-        s = student(b["tokens"], b["position_ids"], None)[..., :vocab_size]
-        t = teacher(b["tokens"], b["position_ids"], None)[..., :vocab_size]
+        rt = DMSRuntime(mode="hard")
+        s = _forward(student, b["tokens"], rt)[..., :vocab_size]
+        t = _forward(teacher, b["tokens"], None)[..., :vocab_size]
         m = b["loss_mask"]
         kl_sum += kd_loss(s, t, m).item() * float(m.sum())
         tok += float(m.sum())
-        valid = (m > 0)
+        valid = m > 0
         for flags in rt.key_flags.values():  # [b, ng, s]
             v = valid[:, None, :].expand_as(flags)
             kept += float((~flags & v).sum())
             total += float(v.sum())
-    student.train()
+    student.train(was_training)
     kept_frac = kept / max(total, 1.0)
     return {"kl_to_teacher": kl_sum / max(tok, 1.0), "kept_fraction": kept_frac,
             "achieved_cr": 1.0 / max(kept_frac, 1e-9)}
+
+
+__all__ = ["lm_loss", "teacher_forced_predictions", "heldout_metrics"]

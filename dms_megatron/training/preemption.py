@@ -8,22 +8,27 @@ times or only some of them. The loop then saves a checkpoint for that step (unle
 ``Preempted``; the worker exits with ``PREEMPTED_EXIT_CODE``; the batch script requeues the job and the requeued job
 resumes from that checkpoint in the same run dir.
 
-A second SIGTERM while a stop is already pending restores the default action and kills the process (a stuck rank
-can still be terminated).
+SIGINT (Ctrl-C) is a stop signal too: the first one checkpoints at the next step boundary like SIGTERM; a second
+Ctrl-C aborts at once (KeyboardInterrupt: the worker prints one line and exits 130, keeping the last checkpoint). A
+second SIGTERM while a stop is already pending restores the default action and kills the process (a stuck rank can
+still be terminated).
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 #: Worker exit status after a preemption stop: the checkpoint of the last completed step is saved, the run is not
-#: finished (no report.json). 0 = finished, 2 = configuration/input error, 3 = diverged (NaN loss), 4 = preempted.
+#: finished (no report.json). 0 = finished, 2 = configuration/input error, 3 = diverged (NaN loss), 4 = preempted,
+#: 130 = aborted by a second Ctrl-C.
 PREEMPTED_EXIT_CODE = 4
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+ABORTED_EXIT_CODE = 130
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 _early: list = []  # SIGUSR1s that arrived before the training loop installed its handler
@@ -54,8 +59,6 @@ class PreemptionHandler:
         self._previous: dict = {}
 
     def install(self) -> "PreemptionHandler":
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             print("warning: training runs outside the main thread; SIGUSR1/SIGTERM will not checkpoint and stop "
                   "it (Python delivers signals to the main thread only)", flush=True)
@@ -76,12 +79,15 @@ class PreemptionHandler:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGINT and name in self.received:
+            raise KeyboardInterrupt("second Ctrl-C")  # abort now; the last saved checkpoint stays
         if signum == signal.SIGTERM and name in self.received:
             signal.signal(signum, signal.SIG_DFL)  # second TERM: give up waiting for the step boundary
             signal.raise_signal(signum)
             return
         self.received.append(name)
-        print(f"received {name}: will checkpoint and stop after the current step", flush=True)
+        hint = " (Ctrl-C again to abort without it)" if signum == signal.SIGINT else ""
+        print(f"received {name}: will checkpoint and stop after the current step{hint}", flush=True)
 
     def requested(self) -> bool:
         """True on every rank iff any rank has received a stop signal. Collective when distributed: call it at the
@@ -95,4 +101,5 @@ class PreemptionHandler:
         return flag > 0
 
 
-__all__ = ["PreemptionHandler", "Preempted", "PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "catch_early_usr1"]
+__all__ = ["PreemptionHandler", "Preempted", "PREEMPTED_EXIT_CODE", "ABORTED_EXIT_CODE", "STOP_SIGNALS",
+           "catch_early_usr1"]

@@ -1,77 +1,35 @@
-"""KV-cache methods ("presses"): each decides which cache entries a sequence keeps and which it reads.
+"""KV-cache methods ("presses"), one file each, and their registry (keyed once, by each class's ``name``).
 
 The engine calls, per layer and step, for sequences ``rows`` [n] with S new tokens at positions [n, S]:
   new_flags(cache, rows, positions, decisions) -> bool [n, ng, S] eviction flags of the new tokens (before insert)
   read_mask(cache, rows, q, visible)           -> bool [n, ng, S, cap] slots the queries read (default: visible)
   after_attention(cache, rows, probs, newest)  -> drops entries (probs [n, ng, g, S, cap] attention weights)
-``window`` is the DMS delayed-eviction window used by the visibility rule (None: flags are never set).
-``budget`` is the number of tokens a (sequence, layer, KV head) keeps (or reads, for Quest).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Type
 
-import torch
+from dms_megatron.inference.press.base import Press, check_budget, keep_top
+from dms_megatron.inference.press.dms import DMSPress
+from dms_megatron.inference.press.h2o import H2OPress
+from dms_megatron.inference.press.quest import QuestPress
+from dms_megatron.inference.press.streamingllm import StreamingLLMPress
+from dms_megatron.inference.press.tova import TOVAPress
+from dms_megatron.inference.press.vanilla import VanillaPress
 
-from dms_megatron.inference import cache as kv
-
-
-class Press:
-    name = "base"
-    window: Optional[int] = None
-    budget: Optional[int] = None
-    needs_decisions = False
-
-    def new_flags(self, cache: kv.LayerCache, rows, positions, decisions) -> torch.Tensor:
-        n, s = positions.shape
-        return torch.zeros(n, cache.pos.shape[1], s, dtype=torch.bool, device=positions.device)
-
-    def read_mask(self, cache: kv.LayerCache, rows, q, visible) -> torch.Tensor:
-        return visible
-
-    def after_attention(self, cache: kv.LayerCache, rows, probs, newest) -> None:
-        return None
-
-
-def check_budget(name: str, budget) -> int:
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ValueError(f"press {name}: budget={budget!r} must be an integer >= 1 (tokens kept per sequence, layer "
-                         f"and KV head)")
-    return budget
-
-
-def keep_top(cache: kv.LayerCache, rows, key: torch.Tensor, budget: int) -> None:
-    """Drop every live slot outside the ``budget`` largest ``key`` [n, ng, cap] of its (sequence, KV head)."""
-    live = cache.pos[rows] >= 0
-    if int(live.sum(-1).max()) <= budget:
-        return
-    key = key.masked_fill(~live, float("-inf"))
-    idx = key.topk(min(budget, key.shape[-1]), dim=-1).indices
-    keep = torch.zeros_like(live).scatter_(-1, idx, True)
-    kv.drop(cache, rows, live & ~keep)
-
-
-PRESSES = ("vanilla", "dms", "tova", "h2o", "streamingllm", "quest")
+REGISTRY: Dict[str, Type[Press]] = {c.name: c for c in (VanillaPress, DMSPress, TOVAPress, H2OPress,
+                                                         StreamingLLMPress, QuestPress)}
+PRESSES = tuple(REGISTRY)
 
 
 def make_press(name: str, *, budget: Optional[int] = None, window: Optional[int] = None, **kw) -> Press:
     """Build a press by name. dms needs ``window``; tova, h2o, streamingllm, quest need ``budget``."""
-    from dms_megatron.inference.press import dms, h2o, quest, streamingllm, tova, vanilla
-
-    if name == "vanilla":
-        return vanilla.VanillaPress()
-    if name == "dms":
-        return dms.DMSPress(window)
-    if name == "tova":
-        return tova.TOVAPress(budget)
-    if name == "h2o":
-        return h2o.H2OPress(budget, **kw)
-    if name == "streamingllm":
-        return streamingllm.StreamingLLMPress(budget, **kw)
-    if name == "quest":
-        return quest.QuestPress(budget, **kw)
-    raise ValueError(f"press {name!r} is unknown; allowed: {', '.join(PRESSES)}")
+    if name not in REGISTRY:
+        raise ValueError(f"press {name!r} is unknown; allowed: {', '.join(PRESSES)}")
+    cls = REGISTRY[name]
+    given = {"budget": budget, "window": window}
+    return cls(*(given[a] for a in cls.required), **kw)
 
 
-__all__ = ["Press", "make_press", "keep_top", "check_budget", "PRESSES"]
+__all__ = ["Press", "make_press", "keep_top", "check_budget", "PRESSES", "REGISTRY"]

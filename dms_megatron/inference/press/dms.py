@@ -3,12 +3,13 @@ the ``window`` following queries and is physically dropped once it is more than 
 
 from __future__ import annotations
 
-from dms_megatron.inference import cache as kv
-from dms_megatron.inference.press import Press
+import dms_megatron.inference.cache as kv
+from dms_megatron.inference.press.base import Press
 
 
 class DMSPress(Press):
     name = "dms"
+    required = ("window",)
     needs_decisions = True
 
     def __init__(self, window) -> None:

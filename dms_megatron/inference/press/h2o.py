@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dms_megatron.inference.press import Press, check_budget, keep_top
+from dms_megatron.inference.press.base import Press, check_budget, keep_top
 
 
 class H2OPress(Press):
     name = "h2o"
+    required = ("budget",)
 
     def __init__(self, budget, recent: Optional[int] = None) -> None:
         self.budget = check_budget(self.name, budget)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from dms_megatron.inference.press import Press, check_budget
+from dms_megatron.inference.press.base import Press, check_budget
 
 
 class QuestPress(Press):
     name = "quest"
+    required = ("budget",)
 
     def __init__(self, budget, page: int = 16) -> None:
         self.budget = check_budget(self.name, budget)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dms_megatron.inference.press import Press, check_budget, keep_top
+from dms_megatron.inference.press.base import Press, check_budget, keep_top
 
 
 class StreamingLLMPress(Press):
     name = "streamingllm"
+    required = ("budget",)
 
     def __init__(self, budget, sinks: int = 4) -> None:
         self.budget = check_budget(self.name, budget)

@@ -3,11 +3,12 @@ attention averaged over the query heads of the KV group."""
 
 from __future__ import annotations
 
-from dms_megatron.inference.press import Press, check_budget, keep_top
+from dms_megatron.inference.press.base import Press, check_budget, keep_top
 
 
 class TOVAPress(Press):
     name = "tova"
+    required = ("budget",)
 
     def __init__(self, budget) -> None:
         self.budget = check_budget(self.name, budget)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dms_megatron.inference.press import Press
+from dms_megatron.inference.press.base import Press
 
 
 class VanillaPress(Press):

@@ -1,0 +1,243 @@
+"""Megatron-style checkpoints with megatron-core dist-checkpointing (reshardable across tp/pp layouts).
+
+Layout: ``<dir>/iter_0000100/`` (a dist-checkpointing directory: model, optimizer, common state) and
+``<dir>/latest_checkpointed_iteration.txt``. Writes are atomic: the iteration is written into a temporary
+directory that is renamed into place once complete, and the tracker file is replaced last.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException as DCPException
+
+from dms_megatron.config import DMSConfig, ModelConfig, from_dict
+from dms_megatron.megatron.sharding import merge_swiglu_factories
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial, corrupt or does not match the model."""
+
+
+def _unwrap(model):
+    """Model chunks without their DistributedDataParallel wrapper."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m.module if hasattr(m, "module") else m for m in chunks]
+
+
+def _model_sharded_sd(model) -> dict:
+    chunks = _unwrap(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def iter_dir(save_dir, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _use_in_process_results_queue() -> None:
+    """Our saves are synchronous, so the writer's results queue can live in this process.
+
+    megatron-core's FileSystemWriterAsync otherwise starts a spawned multiprocessing.Manager to host it, which
+    re-imports ``__main__`` and outlives a SIGKILLed trainer (holding its stdout/stderr open).
+    """
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None):
+    """Save model (+ optimizer, scheduler, extra python state) as iteration ``iteration`` under ``save_dir``."""
+    save_dir = Path(save_dir)
+    final = iter_dir(save_dir, iteration)
+    tmp = save_dir / f".tmp_iter_{iteration:07d}"
+    if _rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = {"model": _model_sharded_sd(model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    elif len(_unwrap(model)) == 1:  # weights only (conversion): no transient copy of every fc1 weight
+        merge_swiglu_factories(state["model"])
+    common = {"iteration": iteration, "extra": extra or {}, "rng": torch.get_rng_state()}
+    if scheduler is not None:
+        common["scheduler"] = scheduler.state_dict()
+    state["common"] = common
+    _use_in_process_results_queue()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = save_dir / (TRACKER + ".tmp")
+        tracker_tmp.write_text(str(iteration))
+        os.replace(tracker_tmp, save_dir / TRACKER)
+    _barrier()
+    return final
+
+
+def latest_iteration(load_dir) -> Optional[int]:
+    """The iteration recorded in the tracker file, or None if ``load_dir`` has no checkpoint."""
+    p = Path(load_dir) / TRACKER
+    if not p.is_file():
+        return None
+    text = p.read_text().strip()
+    if not re.fullmatch(r"\d+", text):
+        raise CheckpointError(f"{p} is corrupt: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def resolve_checkpoint(load_dir, iteration: Optional[int] = None) -> Tuple[Path, int]:
+    """Directory and iteration to load; one-line CheckpointError if missing or partial."""
+    load_dir = Path(load_dir)
+    if not load_dir.exists():
+        raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
+    if iteration is None:
+        iteration = latest_iteration(load_dir)
+        if iteration is None:
+            raise CheckpointError(f"{load_dir} has no {TRACKER}: not a checkpoint directory (or nothing saved yet)")
+    d = iter_dir(load_dir, iteration)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {d} does not exist (tracker or --iteration points to a missing save)")
+    for needed in ("metadata.json", ".metadata", "common.pt"):
+        if not (d / needed).is_file():
+            raise CheckpointError(f"checkpoint {d} is partial or corrupt: {needed} is missing; "
+                                  f"delete it or load an earlier iteration")
+    return d, iteration
+
+
+def _common(d: Path) -> dict:
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(d))
+    except Exception as e:  # noqa: BLE001 - report any unpickling failure as a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {d} is corrupt: cannot read its common state ({type(e).__name__}: {e})")
+    return common.get("common", common)
+
+
+def read_extra(load_dir, iteration: Optional[int] = None) -> dict:
+    """The ``extra`` dict saved with a checkpoint (configs, data position, ...), without loading tensors."""
+    d, _ = resolve_checkpoint(load_dir, iteration)
+    return _common(d).get("extra", {})
+
+
+def _load(d: Path, state: dict, strict: bool) -> dict:
+    try:
+        return dist_checkpointing.load(state, str(d),
+                                       strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_ALL)
+    except CheckpointError:
+        raise
+    except (Exception, DCPException) as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch wraps the per-rank failure in a traceback dump: its last line is the actual reason
+        msg = lines[-1] if isinstance(e, DCPException) and lines else " ".join(lines)
+        raise CheckpointError(f"cannot load {d}: {type(e).__name__}: {msg[:400]}") from e
+
+
+def _apply_model(model, loaded_model: dict, strict: bool):
+    chunks = _unwrap(model)
+    if len(chunks) == 1:
+        return chunks[0].load_state_dict(loaded_model, strict=strict)
+    for i, c in enumerate(chunks):
+        c.load_state_dict(loaded_model[f"model{i}"], strict=strict)
+
+
+def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: Optional[int] = None,
+                    strict: bool = True, restore_rng: bool = True) -> Tuple[int, dict]:
+    """Load a full training state. Returns (iteration, extra)."""
+    d, iteration = resolve_checkpoint(load_dir, iteration)
+    common = _common(d)
+    state = {"model": _model_sharded_sd(model)}
+    if optimizer is not None:
+        # A checkpoint saved before the first optimizer step holds no moments: load it into an empty state.
+        has_state = any(k.startswith("optimizer.state.") for k in dist_checkpointing.load_tensors_metadata(str(d)))
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=has_state)
+    loaded = _load(d, state, strict)
+    _apply_model(model, loaded["model"], strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        if "scheduler" not in common:
+            raise CheckpointError(f"checkpoint {d} has no scheduler state (saved without a scheduler)")
+        scheduler.load_state_dict(common["scheduler"])
+    if restore_rng and "rng" in common:
+        torch.set_rng_state(common["rng"])
+    return iteration, common.get("extra", {})
+
+
+def load_model_weights(load_dir, model, iteration: Optional[int] = None, allow_missing: Sequence[str] = ()):
+    """Initialise ``model`` from a checkpoint's model weights (teacher / student init).
+
+    Strict, except that parameters whose name contains one of ``allow_missing`` (e.g. "dms_alpha" for a DMS
+    adapter student initialised from a stock checkpoint) may be absent from the checkpoint; they keep their
+    initial values. Returns the list of such parameter names.
+    """
+    d, _ = resolve_checkpoint(load_dir, iteration)
+    chunks = _unwrap(model)
+    if len(chunks) != 1:
+        raise NotImplementedError("load_model_weights expects a single model chunk")
+    m = chunks[0]
+    sharded = merge_swiglu_factories(m.sharded_state_dict())  # load fc1 in place, no merged copies
+    in_ckpt = set(dist_checkpointing.load_tensors_metadata(str(d)).keys())
+    skipped, absent = [], []
+    for name in list(sharded):
+        is_tensor = isinstance(sharded[name], ShardedTensor)
+        key = getattr(sharded[name], "key", None)
+        if key in in_ckpt:
+            continue
+        if any(a in name for a in allow_missing):
+            if is_tensor:
+                skipped.append(name)
+            del sharded[name]
+        elif is_tensor:  # extra-state objects are not in the tensor metadata; the strict load below checks them
+            absent.append(key)
+    absent = sorted(set(absent))
+    if absent:
+        raise CheckpointError(f"{d} lacks model tensors {absent[:4]}{' ...' if len(absent) > 4 else ''} "
+                              f"({len(absent)} in all): wrong architecture/DMS variant, or pass allow_missing")
+    loaded = _load(d, {"model": sharded}, strict=True)["model"]
+    missing, unexpected = m.load_state_dict(loaded, strict=False)
+    bad_missing = [k for k in missing if not any(a in k for a in allow_missing) and not k.endswith("_extra_state")]
+    if bad_missing or unexpected:
+        raise CheckpointError(f"{d} does not match the model: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+    return skipped
+
+
+def read_checkpoint_configs(load_dir, iteration: Optional[int] = None) -> Tuple[ModelConfig, Optional[DMSConfig],
+                                                                              dict]:
+    """(architecture, DMS settings or None for a plain model, the whole extra dict) recorded with a checkpoint."""
+    extra = read_extra(load_dir, iteration)
+    if "model_config" not in extra:
+        raise CheckpointError(f"{load_dir}: checkpoint does not record extra['model_config'] (not written by "
+                              f"dms-convert import or dms-refit)")
+    mc = from_dict(ModelConfig, extra["model_config"], "model")
+    dms = from_dict(DMSConfig, extra["dms_config"], "dms") if extra.get("dms_config") else None
+    return mc, dms, extra
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "latest_iteration", "resolve_checkpoint",
+           "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir", "TRACKER"]

@@ -1,0 +1,93 @@
+"""Architecture of a decoder-only transformer (Llama / Qwen2 / Qwen3 family) and the family registry.
+
+``FAMILIES`` is the one list of supported families: ``dms_megatron.convert.<name>`` holds each family's HF <->
+megatron weight mapping and config translation, which the converter and the inference decoder both read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from dms_megatron.config.base import ConfigError, check_choice, check_ints, fail
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+SPECS = ("local", "te")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. The defaults are the embedded tiny teacher (``dms_megatron/assets/tiny_teacher``).
+
+    kv_channels is the head dimension (defaults to hidden_size // num_attention_heads).
+    num_query_groups is the number of KV heads (GQA); it must divide num_attention_heads.
+    spec: megatron-core layer implementation: "local" (megatron's own modules) or "te" (Transformer Engine,
+        needs the ``[gpu]`` extra). Not part of the architecture: the same weights load into either.
+    """
+
+    family: str = "llama"
+    num_layers: int = 4
+    hidden_size: int = 192
+    ffn_hidden_size: int = 512
+    num_attention_heads: int = 6
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None
+    vocab_size: int = 1024
+    max_position_embeddings: int = 256
+    rotary_base: float = 10000.0
+    # Llama-3 style RoPE scaling ("llama3") or none.
+    rope_scaling: Optional[str] = None
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    tie_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    spec: str = "local"
+
+    def __post_init__(self) -> None:
+        s = "model"
+        check_choice(s, "family", self.family, FAMILIES)
+        check_choice(s, "spec", self.spec, SPECS)
+        check_ints(s, self, ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                             "num_query_groups", "vocab_size", "max_position_embeddings",
+                             "make_vocab_size_divisible_by"))
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"model.num_query_groups={self.num_query_groups} (KV heads) must divide "
+                              f"model.num_attention_heads={self.num_attention_heads}")
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                                  f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels (the "
+                                  f"head dimension) explicitly")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.kv_channels < 2 or self.kv_channels % 2:
+            fail(s, "kv_channels", self.kv_channels, "head dimension must be an even integer >= 2 (RoPE)")
+        if self.rope_scaling not in (None, "llama3"):
+            fail(s, "rope_scaling", self.rope_scaling, "allowed values: null, llama3")
+
+    @property
+    def gqa_factor(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return ((self.vocab_size + m - 1) // m) * m
+
+
+#: Fields that define the weights (a checkpoint loads only into a model that agrees on all of them).
+ARCH_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm", "tie_embeddings")
+
+
+def check_same_arch(a: ModelConfig, b: ModelConfig, where: str) -> None:
+    """One-line ConfigError naming every architecture field where ``a`` (the config) and ``b`` (``where``) differ."""
+    diff = [f"{f}: config {getattr(a, f)} vs {where} {getattr(b, f)}" for f in ARCH_FIELDS
+            if getattr(a, f) != getattr(b, f)]
+    if diff:
+        raise ConfigError(f"model config does not match {where}: " + "; ".join(diff))
+
+
+__all__ = ["ModelConfig", "FAMILIES", "SPECS", "ARCH_FIELDS", "check_same_arch"]

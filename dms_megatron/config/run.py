@@ -1,0 +1,200 @@
+"""Run-level configuration of a re-fit: optimisation, data, layout, logging, resume policy and their composition.
+
+These dataclasses are the only place defaults live; Hydra's ConfigStore holds them as the schema and the YAML
+groups under ``dms_megatron/configs`` only override.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+from dms_megatron.config.base import ConfigError, check_choice, check_ints, fail, from_dict, is_int
+from dms_megatron.config.dms import DMSConfig
+from dms_megatron.config.model import ModelConfig
+
+TRAIN_MODES = ("full", "adapter")
+KD_DIRECTIONS = ("student_teacher", "teacher_student")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+RECALL_TASKS = ("mqar", "single")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. global_batch_size = micro_batch_size * data-parallel size * accumulation steps.
+
+    precision: "bf16" = bf16 parameters and compute with fp32 main parameters and gradients in the optimizer
+    (megatron-core mixed precision), "fp32" everywhere, "auto" = bf16 on CUDA and fp32 on CPU.
+    distributed_optimizer: shard the optimizer state over data-parallel ranks (megatron's distributed optimizer).
+    """
+
+    mode: str = "full"
+    steps: int = 300
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    seq_length: int = 256
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup_steps: int = 10
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    kd_direction: str = "student_teacher"
+    compression_weight: float = 1.0
+    precision: str = "auto"
+    distributed_optimizer: bool = False
+    seed: int = 1234
+    save_interval: int = 100
+    eval_batches: int = 8
+    recall_eval_limit: int = 200
+    # Initial weights of teacher and student: a megatron checkpoint dir (dms-convert import, a previous run) or a
+    # Hugging Face model dir (config.json + safetensors); null = the embedded tiny teacher.
+    init_checkpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        s = "train"
+        check_choice(s, "mode", self.mode, TRAIN_MODES)
+        check_choice(s, "kd_direction", self.kd_direction, KD_DIRECTIONS)
+        check_choice(s, "lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        check_choice(s, "precision", self.precision, PRECISIONS)
+        check_ints(s, self, ("steps", "micro_batch_size", "global_batch_size", "seq_length", "save_interval",
+                             "eval_batches"))
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"train.lr={self.lr} / train.min_lr={self.min_lr}: need lr > 0 and 0 <= min_lr <= lr")
+        for name in ("warmup_steps", "clip_grad", "compression_weight", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                fail(s, name, getattr(self, name), "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Data locations; all null = the embedded tiny default's data. ``recall`` picks the embedded recall task:
+    "mqar" (several key -> value pairs among filler text, then questions) or "single" (one stated value)."""
+
+    train_prefix: Optional[str] = None
+    valid_prefix: Optional[str] = None
+    tokenizer: Optional[str] = None
+    recall_eval: Optional[str] = None
+    recall: str = "mqar"
+
+    def __post_init__(self) -> None:
+        check_choice("data", "recall", self.recall, RECALL_TASKS)
+        given = [self.train_prefix is not None, self.valid_prefix is not None, self.tokenizer is not None]
+        if any(given) and not all(given):
+            raise ConfigError("data.train_prefix, data.valid_prefix and data.tokenizer must be given together "
+                              "(or all left null for the embedded default)")
+
+
+@dataclass
+class ParallelConfig:
+    """Layout: world size = nnodes * nproc_per_node (default tp * pp ranks on one node); dp = world / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    nproc_per_node: Optional[int] = None
+    nnodes: int = 1
+
+    def __post_init__(self) -> None:
+        check_ints("parallel", self, ("tp", "pp", "nnodes"))
+        if self.nproc_per_node is not None and not is_int(self.nproc_per_node, 1):
+            fail("parallel", "nproc_per_node", self.nproc_per_node, "must be null or an integer >= 1")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if self.world_size % (self.tp * self.pp):
+            raise ConfigError(f"world size {self.world_size} (parallel.nnodes * parallel.nproc_per_node) is not a "
+                              f"multiple of parallel.tp * parallel.pp = {self.tp * self.pp}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.nproc_per_node or self.tp * self.pp
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.ranks_per_node
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+
+@dataclass
+class LoggingConfig:
+    """Per-step metrics go to metrics.jsonl always; wandb (offline by default); a progress bar on a terminal, plain
+    lines every ``log_interval`` steps otherwise (nohup, SLURM, submitit)."""
+
+    wandb: bool = True
+    wandb_project: str = "dms-megatron"
+    wandb_mode: str = "offline"
+    log_interval: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("logging", "wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        check_ints("logging", self, ("log_interval",))
+
+
+@dataclass
+class ResumeConfig:
+    """Resuming a run dir: its config.yaml is the run's identity. ``allow_changes`` lists the keys (e.g.
+    ``train.steps``) that may differ from it; any other difference is refused."""
+
+    allow_changes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RefitConfig:
+    """Everything a re-fitting worker needs (``embedded=true``: the shipped tiny teacher and its data)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dms: DMSConfig = field(default_factory=DMSConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    embedded: bool = True
+
+    def __post_init__(self) -> None:
+        t, p = self.train, self.parallel
+        if self.dms.window >= t.seq_length:
+            raise ConfigError(f"dms.window={self.dms.window} must be < train.seq_length={t.seq_length} "
+                              f"(otherwise nothing can ever be evicted)")
+        if t.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
+                              f"{self.model.max_position_embeddings}: the model was not trained on such positions")
+        if t.global_batch_size % (t.micro_batch_size * p.dp):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                              f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {p.dp}; e.g. "
+                              f"train.micro_batch_size={max(1, t.global_batch_size // p.dp)}")
+        if p.sequence_parallel and t.seq_length % p.tp:
+            raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tp={p.tp} to divide "
+                              f"train.seq_length={t.seq_length}")
+        if self.embedded and (self.data.train_prefix or t.init_checkpoint):
+            raise ConfigError("embedded=true uses the built-in data and teacher; set embedded=false to pass "
+                              "data.* / train.init_checkpoint")
+        if not self.embedded and t.init_checkpoint is None:
+            raise ConfigError("train.init_checkpoint is required when embedded=false (a checkpoint written by "
+                              "dms-convert import, a previous run, or a Hugging Face model dir)")
+        if not self.embedded and self.data.train_prefix is None:
+            raise ConfigError("data.train_prefix / data.valid_prefix / data.tokenizer are required when "
+                              "embedded=false")
+        if t.mode == "adapter" and self.dms.alpha_source != "adapter":
+            raise ConfigError("train.mode=adapter trains only the DMS adapter: set dms.alpha_source=adapter")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RefitConfig":
+        return from_dict(cls, d)
+
+
+__all__ = ["TrainConfig", "DataConfig", "ParallelConfig", "LoggingConfig", "ResumeConfig", "RefitConfig",
+           "TRAIN_MODES", "KD_DIRECTIONS", "PRECISIONS", "RECALL_TASKS"]

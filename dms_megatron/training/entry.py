@@ -1,0 +1,83 @@
+"""One rank of a re-fit from its run dir, as an exit status (what the worker and the launcher run).
+
+Exit status: 0 finished (report.json written, by this rank or, for tp * pp > 1, by the worker's one-rank report
+process), 2 configuration/input error (one ``error: ...`` line on stderr), 3 diverged (NaN/inf loss), 4 preempted
+(SIGUSR1/SIGTERM/SIGINT: checkpoint saved, run again to resume), 130 aborted by a second Ctrl-C.
+
+Fault injection for resilience tests is explicit: ``run_rank(..., fault="kill@N")`` SIGKILLs this process after
+step N is logged, ``"nan@N"`` makes step N's loss NaN (the worker's ``--inject-fault``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from dms_megatron.checkpoint import CheckpointError
+from dms_megatron.config import ConfigError, RefitConfig
+from dms_megatron.data.embedded import AssetError
+from dms_megatron.training.preemption import ABORTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, catch_early_usr1
+from dms_megatron.training.run_config import CONFIG
+from dms_megatron.training.trainer import RefitTrainer, TrainerHooks, TrainingDiverged, rank
+
+CONFIG_EXIT_CODE, DIVERGED_EXIT_CODE = 2, 3
+
+
+def fault_hooks(spec: Optional[str]) -> TrainerHooks:
+    """Hooks for "kill@N" (SIGKILL after step N is logged) or "nan@N" (step N's loss is NaN)."""
+    if not spec:
+        return TrainerHooks()
+    kind, _, at = spec.partition("@")
+    if kind not in ("kill", "nan") or not at.isdigit():
+        raise ConfigError(f"--inject-fault {spec!r}: expected kill@STEP or nan@STEP")
+    n = int(at)
+    if kind == "kill":
+        return TrainerHooks(after_step=lambda step, m: os.kill(os.getpid(), signal.SIGKILL) if step == n else None)
+    return TrainerHooks(loss=lambda step, loss: loss * float("nan") if step == n else loss)
+
+
+def read_run_config(run_dir: Path) -> RefitConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist (dms-refit or dms-refit --prepare-only writes it)")
+    return RefitConfig.from_dict(yaml.safe_load(path.read_text()))
+
+
+def run_rank(run_dir: Path, fault: Optional[str] = None) -> int:
+    """Train this rank of the run in ``run_dir``; never raises for the failures the exit status names."""
+    catch_early_usr1()  # a SLURM warning signal during start-up must not kill the rank
+    try:
+        cfg = read_run_config(run_dir)
+        report = RefitTrainer(cfg, run_dir, fault_hooks(fault)).run()
+    except (ConfigError, CheckpointError, AssetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
+    except Preempted as e:  # stop signal: checkpoint saved, not finished; a batch script requeues
+        print(str(e), flush=True)
+        return PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        if rank() == 0:
+            print(f"aborted (second Ctrl-C): the last saved checkpoint in {Path(run_dir) / 'checkpoints'} stays",
+                  file=sys.stderr)
+        return ABORTED_EXIT_CODE
+    if report:
+        print("report: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in report.items() if not isinstance(v, dict)), flush=True)
+    return 0
+
+
+def needs_report_process(cfg: RefitConfig) -> bool:
+    """A tensor/pipeline-parallel run is reported from its final checkpoint by a fresh one-rank process."""
+    return cfg.parallel.tp * cfg.parallel.pp > 1
+
+
+__all__ = ["run_rank", "fault_hooks", "read_run_config", "needs_report_process", "CONFIG_EXIT_CODE",
+           "DIVERGED_EXIT_CODE"]

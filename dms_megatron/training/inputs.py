@@ -1,0 +1,90 @@
+"""What a re-fit reads, resolved and checked before any model is built: the teacher's weights (megatron checkpoint or
+Hugging Face dir) and architecture, tokenizer, data prefixes, held-out recall items.
+
+``RunInputs.resolve(cfg, build=False)`` only checks (the launcher's and ``--prepare-only``'s pre-flight on a batch
+host: nothing is built or written); ``build=True`` (the workers) also builds the embedded default's data once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dms_megatron.checkpoint import CheckpointError, read_checkpoint_configs
+from dms_megatron.config import ConfigError, ModelConfig, RefitConfig, check_same_arch
+from dms_megatron.convert.hf_io import ConversionError
+from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model
+from dms_megatron.data.embedded import AssetError, ensure_refit_data, verify_teacher
+from dms_megatron.data.indexed import check_prefix, max_token_id
+from dms_megatron.data.recall import read_items
+from dms_megatron.data.tokenizer import load_tokenizer
+
+
+@dataclass
+class RunInputs:
+    model_config: ModelConfig
+    init: Path  # megatron checkpoint dir or HF dir of the teacher (and the student's initial weights)
+    tokenizer: Path
+    train_prefix: Optional[str]
+    valid_prefix: Optional[str]
+    recall_eval: Optional[Path]
+    eos_id: int
+    pad_id: int
+
+    @classmethod
+    def resolve(cls, cfg: RefitConfig, build: bool = True, log=print) -> "RunInputs":
+        """One-line ConfigError for anything missing or inconsistent."""
+        try:
+            return cls._resolve(cfg, build, log)
+        except (AssetError, CheckpointError, ConversionError, FileNotFoundError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(str(e)) from None
+
+    @classmethod
+    def _resolve(cls, cfg: RefitConfig, build: bool, log) -> "RunInputs":
+        if cfg.embedded:
+            if build:
+                d = ensure_refit_data(cfg.data.recall, cfg.train.seq_length, log=log)
+                init, tok_dir, train, valid, recall = d.teacher, d.tokenizer, d.train_prefix, d.valid_prefix, \
+                    d.recall_eval
+            else:
+                init = tok_dir = verify_teacher()
+                train = valid = None
+                recall = init / f"heldout_{cfg.data.recall}.jsonl"
+        else:
+            init, tok_dir = Path(cfg.train.init_checkpoint), Path(cfg.data.tokenizer)
+            train = check_prefix(cfg.data.train_prefix, "data.train_prefix")
+            valid = check_prefix(cfg.data.valid_prefix, "data.valid_prefix")
+            recall = Path(cfg.data.recall_eval) if cfg.data.recall_eval else None
+        mc = init_model_config(init)
+        check_same_arch(cfg.model, mc, f"the teacher {init}")
+        if cfg.train.seq_length > mc.max_position_embeddings:
+            raise ConfigError(f"train.seq_length={cfg.train.seq_length} exceeds the teacher's "
+                              f"max_position_embeddings={mc.max_position_embeddings} ({init})")
+        tok = load_tokenizer(tok_dir)
+        if len(tok) > mc.vocab_size:
+            raise ConfigError(f"tokenizer {tok_dir} has {len(tok)} tokens but the model vocabulary is "
+                              f"{mc.vocab_size}: wrong tokenizer for this model")
+        for prefix in (p for p in (train, valid) if p is not None):
+            m = max_token_id(prefix)
+            if m >= mc.vocab_size:
+                raise ConfigError(f"{prefix}.bin holds token id {m} >= model vocab {mc.vocab_size}: data was "
+                                  f"tokenized with another tokenizer")
+        if recall is not None:
+            read_items(recall)  # exists and parses
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        return cls(mc, init, tok_dir, train, valid, recall, tok.eos_token_id, pad)
+
+
+def init_model_config(init: Path) -> ModelConfig:
+    """The architecture recorded with a teacher: a HF dir's config.json or a megatron checkpoint's extra state."""
+    if not Path(init).exists():
+        raise ConfigError(f"train.init_checkpoint {init} does not exist")
+    if is_hf_dir(init):
+        return read_hf_model(init)[1]
+    return read_checkpoint_configs(init)[0]
+
+
+__all__ = ["RunInputs", "init_model_config"]

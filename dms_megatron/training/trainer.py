@@ -1,0 +1,271 @@
+"""The DMS re-fit trainer on megatron-core: frozen teacher -> DMS student distillation + compression loss.
+
+``RefitTrainer(cfg, run_dir).run()`` goes through named stages, each a method:
+
+  build       process groups, this rank's stage of the frozen teacher and of the DMS student, DDP, optimizer, LR
+  resume      the latest checkpoint of the run dir, if any (model, optimizer, scheduler, RNG, data position)
+  data        the train / valid datasets (the same samples on every rank)
+  train_step  one optimizer step through megatron-core's forward-backward function (any tp x pp x dp layout)
+  checkpoint  an atomic dist-checkpoint of the student (every ``save_interval`` steps, at the end, on preemption)
+  report      held-out KL, achieved CR and recall (report.json, refit.png), on one rank
+
+Runs in every rank (single process or torchrun); never imports Hydra. ``TrainerHooks`` is the explicit test hook
+(gradients after backward, a transformed loss, a callback after each step).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from dms_megatron.checkpoint import latest_iteration, load_checkpoint, read_extra, save_checkpoint
+from dms_megatron.config import ConfigError, RefitConfig
+from dms_megatron.convert.hf_io import iter_side_files, read_config
+from dms_megatron.convert.hf_model import is_hf_dir
+from dms_megatron.core.losses import compression_loss, cr_at_step, target_evicted_fraction
+from dms_megatron.data.indexed import build_gpt_datasets, collate
+from dms_megatron.megatron.compat import cuda_to_cpu_mode
+from dms_megatron.megatron.distributed import init_process_groups, validate_model_layout
+from dms_megatron.megatron.model import build_gpt_model, params_dtype, transformer_config
+from dms_megatron.megatron.parallel_loss import global_mean_fraction, layer_fraction_vector, vocab_parallel_kd_loss
+from dms_megatron.megatron.pipeline import DistillationStage, pipeline_micro_batch_size
+from dms_megatron.megatron.runtime import DMSRuntime
+from dms_megatron.training.inputs import RunInputs
+from dms_megatron.training.logger import MetricsLogger
+from dms_megatron.training.metrics import dp_mean, step_metrics
+from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
+from dms_megatron.training.preemption import Preempted, PreemptionHandler
+from dms_megatron.training.report import write_report
+from dms_megatron.training.weights import check_teacher, load_init_weights
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainerHooks:
+    """Test hooks. after_backward(step, ddp): the reduced gradients before each update; loss(step, loss) -> loss:
+    replaces a micro batch's loss (e.g. NaN injection); after_step(step, metrics): after each logged step."""
+
+    after_backward: Optional[Callable] = None
+    loss: Optional[Callable] = None
+    after_step: Optional[Callable] = None
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+class RefitTrainer:
+    def __init__(self, cfg: RefitConfig, run_dir, hooks: Optional[TrainerHooks] = None, log=print):
+        self.cfg, self.run_dir, self.hooks, self.log = cfg, Path(run_dir), hooks or TrainerHooks(), log
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.start = 0
+
+    # ---- the whole run --------------------------------------------------------------------------------------
+    def run(self, report: bool = True) -> dict:
+        """Train, checkpoint and (``report``) evaluate. Returns the report dict (rank 0, tp = pp = 1) or {}."""
+        self.build()
+        self.resume()
+        self.data()
+        self.logger = MetricsLogger(self.run_dir, self.cfg, start_step=self.start, enabled=rank() == 0)
+        preempt = PreemptionHandler().install()
+        try:
+            for step in range(self.start, self.cfg.train.steps):
+                metrics = self.train_step(step)
+                self.logger.log(metrics)
+                if self.hooks.after_step is not None:
+                    self.hooks.after_step(step + 1, metrics)
+                if (step + 1) % self.cfg.train.save_interval == 0 or step + 1 == self.cfg.train.steps:
+                    self.checkpoint(step + 1)
+                self._maybe_stop(step + 1, preempt)
+        finally:
+            preempt.uninstall()
+            self.logger.close()
+        if not report or rank() != 0 or self.tp * self.pp > 1:
+            return {}
+        return self.report()
+
+    # ---- stages ---------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, t, p = self.cfg, self.cfg.train, self.cfg.parallel
+        self.inputs = RunInputs.resolve(cfg, build=True, log=self.log if rank() == 0 else lambda m: None)
+        mc = self.model_config = self.inputs.model_config
+        self.tp, self.pp = p.tp, p.pp
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+        try:  # the layout must fit the model and the world before any process group exists
+            self.dp = validate_model_layout(mc, p.tp, p.pp, world, sequence_parallel=p.sequence_parallel,
+                                            seq_length=t.seq_length)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if t.global_batch_size % (t.micro_batch_size * self.dp):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                              f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {self.dp}")
+        init_process_groups(p.tp, p.pp, seed=t.seed)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        torch.manual_seed(t.seed)
+        self.teacher, self.student = self._build_models()
+        self.ddp = wrap_ddp(DistillationStage(self.teacher, self.student), t.distributed_optimizer)
+        self.optimizer = build_optimizer(self.ddp, t, params_dtype(t.precision))
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.hf_config = self._carry_hf_metadata()
+
+    def _build_models(self):
+        cfg, mc, p = self.cfg, self.model_config, self.cfg.parallel
+
+        def tcfg():
+            return transformer_config(mc, tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel,
+                                      precision=cfg.train.precision)
+
+        seq = cfg.train.seq_length
+        teacher = build_gpt_model(mc, None, seq_length=seq, config=tcfg())
+        load_init_weights(self.inputs.init, teacher, mc)
+        check_teacher(teacher)
+        teacher.eval().requires_grad_(False)
+        student = build_gpt_model(mc, cfg.dms, seq_length=seq, config=tcfg())
+        load_init_weights(self.inputs.init, student, mc, allow_missing=("dms_alpha",))
+        if cfg.train.mode == "adapter":
+            for n, prm in student.named_parameters():
+                prm.requires_grad_("dms_alpha" in n)
+        return teacher, student
+
+    def resume(self) -> None:
+        if latest_iteration(self.ckpt_dir) is None:
+            return
+        gbs = self.cfg.train.global_batch_size
+        self.start, saved = load_checkpoint(self.ckpt_dir, self.ddp, self.optimizer, self.scheduler)
+        # data position: step s reads global samples [s * gbs, (s + 1) * gbs), so it follows from the step as long as
+        # the global batch size is unchanged
+        consumed = saved.get("consumed_samples", self.start * gbs)
+        if consumed != self.start * gbs:
+            raise ConfigError(f"{self.ckpt_dir} was written after {consumed} samples in {self.start} steps, but "
+                              f"train.global_batch_size={gbs}: resume with the original batch size or start a new "
+                              f"run dir")
+        if rank() == 0:
+            self.log(f"resumed from {self.ckpt_dir} at step {self.start}")
+
+    def data(self) -> None:
+        t, inp = self.cfg.train, self.inputs
+        self.train_ds, self.valid_ds = build_gpt_datasets(
+            inp.train_prefix, inp.valid_prefix, t.seq_length, t.seed, t.steps * t.global_batch_size,
+            max(1, t.eval_batches * t.micro_batch_size), inp.eos_id, inp.pad_id, self.model_config.vocab_size,
+            cache_dir=None if self.cfg.embedded else str(self.run_dir / "data-cache"))
+
+    def micro_batches(self, step: int):
+        """This data-parallel rank's micro batches of one optimizer step; sample ids are global dataset indices."""
+        t = self.cfg.train
+        per_rank = t.global_batch_size // self.dp
+        first = step * t.global_batch_size + self.dp_rank * per_rank
+        for m in range(per_rank // t.micro_batch_size):
+            ids = list(range(first + m * t.micro_batch_size, first + (m + 1) * t.micro_batch_size))
+            b = collate([self.train_ds[i] for i in ids])
+            b["sample_ids"] = torch.tensor(ids)
+            yield b
+
+    def forward_step_func(self, step: int, target: float, layer_fracs: list):
+        """megatron's ``forward_step_func`` for one optimizer step: (data_iterator, model) -> (output, loss_func).
+        Appends each micro batch's per-layer evicted fractions to ``layer_fracs``."""
+        cfg, mc = self.cfg, self.model_config
+
+        def forward_step(data_iterator, model):
+            b = next(data_iterator)
+            valid = (b["loss_mask"] > 0) | (b["tokens"] == self.inputs.eos_id)
+            rt = DMSRuntime(mode="train", seed=cfg.train.seed, step=step, sample_ids=b["sample_ids"], valid=valid,
+                            record_flags=False)
+            out = model(b["tokens"], b["position_ids"], None, runtime=rt)
+            layer_fracs.append(layer_fraction_vector(rt.fractions, mc.num_layers))
+            return out, lambda output: self.loss(step, output, b["loss_mask"], target)
+
+        return forward_step
+
+    def loss(self, step: int, output, loss_mask, target: float):
+        """KD + compression loss of one micro batch on the last pipeline stage; (loss, reported values)."""
+        s_logits, t_logits, frac_sum = output  # logits [b, s, V/tp]; frac_sum [b] over all stages
+        t = self.cfg.train
+        kd = vocab_parallel_kd_loss(s_logits, t_logits, self.model_config.vocab_size, loss_mask, t.kd_direction)
+        frac = global_mean_fraction(frac_sum, self.model_config.num_layers, self.tp)
+        comp = compression_loss(frac, target)
+        loss = kd + t.compression_weight * comp
+        if self.hooks.loss is not None:
+            loss = self.hooks.loss(step + 1, loss)
+        return loss, {"loss": loss.detach().clone(), "kd_loss": kd.detach(), "compression_loss": comp.detach(),
+                      "evicted_fraction": frac.detach().mean()}
+
+    def train_step(self, step: int) -> dict:
+        t, d = self.cfg.train, self.cfg.dms
+        t0 = time.perf_counter()
+        target = target_evicted_fraction(cr_at_step(step, d.initial_cr, d.final_cr, d.final_step))
+        num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
+        layer_fracs: list = []
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        with cuda_to_cpu_mode():
+            reduced = get_forward_backward_func()(
+                forward_step_func=self.forward_step_func(step, target, layer_fracs),
+                data_iterator=self.micro_batches(step), model=[self.ddp], num_microbatches=num_micro,
+                seq_length=t.seq_length, forward_only=False,
+                micro_batch_size=pipeline_micro_batch_size(t.micro_batch_size) if self.pp > 1 else t.micro_batch_size)
+        metrics = dp_mean(step_metrics(reduced, sum(layer_fracs) / num_micro, self.tp))
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint in "
+                                   f"{self.ckpt_dir} is kept")
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves it after)
+        if self.hooks.after_backward is not None:
+            self.hooks.after_backward(step, self.ddp)
+        with cuda_to_cpu_mode():
+            _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
+        dt = time.perf_counter() - t0
+        metrics.update(step=step + 1, target_fraction=target, target_cr=1.0 / (1.0 - target),
+                       achieved_cr_train=1.0 / max(1e-9, 1.0 - metrics["evicted_fraction"]), lr=lr,
+                       grad_norm=float(grad_norm or 0.0), tokens_per_s=t.global_batch_size * t.seq_length / dt)
+        return metrics
+
+    def checkpoint(self, step: int) -> None:
+        extra = {"model_config": asdict(self.model_config), "dms_config": asdict(self.cfg.dms),
+                 "refit_config": self.cfg.to_dict(), "consumed_samples": step * self.cfg.train.global_batch_size}
+        if self.hf_config is not None:
+            extra["hf_config"] = self.hf_config
+        save_checkpoint(self.ckpt_dir, step, self.ddp, self.optimizer, self.scheduler, extra=extra)
+
+    def _maybe_stop(self, step: int, preempt: PreemptionHandler) -> None:
+        """Every rank agrees (all-reduce) whether any was signalled; then all checkpoint this step and stop."""
+        if step < self.cfg.train.steps and preempt.requested():
+            if latest_iteration(self.ckpt_dir) != step:
+                self.checkpoint(step)
+            raise Preempted(step, self.ckpt_dir, preempt.received)
+
+    def report(self) -> dict:
+        return write_report(self.run_dir, self.cfg, self.inputs, self.student, self.teacher, self.valid_ds,
+                            self.logger.history())
+
+    def _carry_hf_metadata(self) -> Optional[dict]:
+        """What ``dms-convert export`` needs from an imported teacher: its HF config (returned, saved in every
+        checkpoint's extra state) and its tokenizer / generation files (copied to ``checkpoints/hf_assets``)."""
+        init = Path(self.inputs.init)
+        hf = read_config(init) if is_hf_dir(init) else read_extra(init).get("hf_config")
+        sides = list(iter_side_files(init)) if is_hf_dir(init) else (
+            sorted((init / "hf_assets").iterdir()) if (init / "hf_assets").is_dir() else [])
+        dest = self.ckpt_dir / "hf_assets"
+        if sides and rank() == 0 and not dest.exists():
+            tmp = self.ckpt_dir / ".hf_assets.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in sides:
+                shutil.copy2(f, tmp / f.name)
+            os.replace(tmp, dest)
+        return hf
+
+
+__all__ = ["RefitTrainer", "TrainerHooks", "TrainingDiverged", "rank"]

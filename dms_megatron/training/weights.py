@@ -1,0 +1,35 @@
+"""Initial weights of teacher and student: from a megatron dist-checkpoint (any saved layout) or streamed from a
+Hugging Face model dir into this rank's shard (``convert.hf_model``), strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dms_megatron.checkpoint import load_model_weights
+from dms_megatron.config import ConfigError, ModelConfig
+from dms_megatron.convert.hf_model import is_hf_dir, load_hf_into_model, read_hf_model
+
+
+def load_init_weights(init: Path, model, model_cfg: ModelConfig, allow_missing: Sequence[str] = ()) -> None:
+    """Fill ``model`` (this rank's stage and tensor shard) from ``init``; parameters whose name contains one of
+    ``allow_missing`` may be absent from it (e.g. a DMS adapter student from a plain teacher)."""
+    if is_hf_dir(init):
+        fam, _, _, _, reader, _ = read_hf_model(init)
+        load_hf_into_model(model, reader, fam, model_cfg, None, allow_missing=allow_missing)
+    else:
+        load_model_weights(init, model, allow_missing=allow_missing)
+
+
+def check_teacher(model) -> None:
+    """One-line ConfigError for NaN/inf or constant (empty) loaded weights."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"teacher weight {name} has NaN/inf values after loading")
+        if name.endswith("word_embeddings.weight") and float(p.detach().float().std()) == 0.0:
+            raise ConfigError(f"teacher weight {name} is constant after loading: the checkpoint looks empty")
+
+
+__all__ = ["load_init_weights", "check_teacher"]
