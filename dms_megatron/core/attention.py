@@ -138,6 +138,10 @@ def _compiled_flex():
     return _COMPILED
 
 
-BACKENDS = {"dense": dense_dms_attention, "flex": flex_dms_attention}
+from dms_megatron.core.triton_dms import triton_dms_attention  # noqa: E402  (triton imported on first call)
+from dms_megatron.core.two_part import two_part_dms_attention  # noqa: E402
+
+BACKENDS = {"dense": dense_dms_attention, "flex": flex_dms_attention, "triton": triton_dms_attention,
+            "two_part": two_part_dms_attention}
 
 __all__ = ["dense_dms_attention", "flex_dms_attention", "BACKENDS"]
