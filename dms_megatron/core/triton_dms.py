@@ -73,9 +73,9 @@ def _add_autotuned(mod) -> None:
         return [triton.Config({names[0]: m, names[1]: n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
     key = ["sq", "sk", "HEAD_DIM", "DOT_PREC"]
-    fwd = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
-    dkdv = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]  # (BLOCK_N, BLOCK_M): keys x queries
-    dq = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+    fwd = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+    dkdv = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)]  # (BLOCK_N, BLOCK_M): keys x queries
+    dq = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
     mod.dms_fwd_tuned = triton.autotune(cfgs(fwd, ("BLOCK_M", "BLOCK_N")), key=key)(mod.dms_fwd)
     mod.dms_bwd_dkdv_tuned = triton.autotune(cfgs(dkdv, ("BLOCK_N", "BLOCK_M")), key=key)(mod.dms_bwd_dkdv)
     mod.dms_bwd_dq_tuned = triton.autotune(cfgs(dq, ("BLOCK_M", "BLOCK_N")), key=key)(mod.dms_bwd_dq)
