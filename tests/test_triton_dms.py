@@ -1,7 +1,7 @@
 """Runs the Triton-interpreter cases (tests/triton_interp_cases.py) in a fresh process with TRITON_INTERPRET=1.
 
 Triton reads TRITON_INTERPRET when it is imported, and other tests (torch.compile, the CUDA kernel tests) may
-import triton earlier in this process, hence the subprocess (one, ~30 s on 2 cores).
+import triton earlier in this process, hence the subprocess (one, ~1 min on 2 busy cores).
 
   python -m pytest tests/test_triton_dms.py
 """
@@ -33,3 +33,13 @@ def test_triton_kernel_in_interpreter():
         reasons = re.findall(r"SKIPPED \[\d+\] [^:]+:\d+: (.*)", out)
         pytest.skip(reasons[0] if reasons else f"interpreter cases did not run: {summary}")
     assert r.returncode == 0, out[-6000:]
+
+
+def test_missing_triton_names_the_install(monkeypatch):
+    from dms_megatron.core import triton_dms
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    monkeypatch.setattr(triton_dms, "_KERNELS", [])
+    with pytest.raises(ImportError, match="pip install triton"):
+        triton_dms._kernels()

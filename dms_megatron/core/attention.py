@@ -1,4 +1,5 @@
-"""DMS attention kernels: a dense additive-bias reference and a FlexAttention variant (pure torch).
+"""DMS attention kernels: a dense additive-bias reference and a FlexAttention variant (pure torch); ``BACKENDS``
+also lists the Triton kernel (``triton_dms``, needs triton and CUDA) and the exact two-part split (``two_part``).
 
 Both take per-key eviction scores and apply them only to queries more than ``window`` positions after the key:
 

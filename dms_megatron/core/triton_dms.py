@@ -160,6 +160,11 @@ def _check(query, key, value, key_logits, window):
     if key.shape != value.shape or key.shape[0] != b or key.shape[3] != hn or np_ % ng:
         raise ValueError(f"triton_dms_attention: shapes q {tuple(query.shape)} k {tuple(key.shape)} "
                          f"v {tuple(value.shape)}: need k == v [b, ng, sk, hn] with np % ng == 0")
+    if len({query.dtype, key.dtype, value.dtype}) > 1 or len({query.device, key.device, value.device}) > 1:
+        raise ValueError(f"triton_dms_attention: q, k, v must share dtype and device (got {query.dtype}/"
+                         f"{key.dtype}/{value.dtype} on {query.device}/{key.device}/{value.device}): cast them")
+    if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"triton_dms_attention: dtype {query.dtype} unsupported: use bf16, fp16 or fp32")
     if sq > sk or window < 0:
         raise ValueError(f"triton_dms_attention: need sq <= sk and window >= 0 (got sq={sq} sk={sk} window={window})")
     if hn < 16 or hn > 256 or hn & (hn - 1):
