@@ -132,8 +132,6 @@ def _cell(name, L, w, leaves, go, reps, ref_out) -> dict:
 
 def kernel_table(args) -> dict:
     """The kernels section: every kernel at every (L, window); returns {"meta", "cells"}."""
-    import triton
-
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)  # 2 flex graphs per L
     lengths, windows = ((4096,), (256,)) if args.quick else (args.lengths or LENGTHS, WINDOWS)
     cells, t0 = [], time.time()
@@ -152,10 +150,19 @@ def kernel_table(args) -> dict:
         del leaves, go
         torch.cuda.empty_cache()
     _add_ratios(cells)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": _version("triton"),
             "shape": {"b": B, "np": NP, "ng": NG, "hn": HN, "dtype": "bf16"}, "reps": args.reps,
             "seconds": round(time.time() - t0, 1)}
     return {"meta": meta, "cells": cells}
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
 
 
 def _add_ratios(cells) -> None:

@@ -87,7 +87,8 @@ def flex_dms_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if not compiled:
         return flex_attention(q, k, v, **kw)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, key_logits))
-    _count_flex_graph((sq_pad, sk_pad, b, np_, ng, hn, query.dtype, query.device.type, kbias is None, grad))
+    _count_flex_graph((sq_pad, sk_pad, b, np_, ng, hn, query.dtype, query.device.type, kbias is None, grad,
+                       softmax_scale))
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         out = _compiled_flex()(q, k, v, **kw)
     return out[:, :, :sq] if sq_pad > sq else out
