@@ -1,4 +1,5 @@
-"""DMS attention kernels: a dense additive-bias reference and a FlexAttention variant (pure torch).
+"""DMS attention kernels: a dense additive-bias reference and a FlexAttention variant (pure torch); ``BACKENDS``
+also lists the Triton kernel (``triton_dms``, needs triton and CUDA) and the exact two-part split (``two_part``).
 
 Both take per-key eviction scores and apply them only to queries more than ``window`` positions after the key:
 
@@ -16,8 +17,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from dms_megatron.core.masks import causal_bias, dms_hard_bias, dms_soft_bias
+from dms_megatron.core.triton_dms import triton_dms_attention
+from dms_megatron.core.two_part import two_part_dms_attention
 
 
 def _group_bias(bias: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -58,49 +62,98 @@ def flex_dms_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        hard: bool = False, compiled: Optional[bool] = None) -> torch.Tensor:
     """DMS attention through FlexAttention: causal block mask + a ``score_mod`` that reads an O(L) per-key bias.
 
-    Extra memory is O(b * ng * sk) for the bias vector (plus the block mask), not O(L^2). Forward runs on CPU
-    (eager) and GPU; the backward needs a GPU. ``compiled``: wrap flex_attention in torch.compile (default: on
-    CUDA only).
+    Extra memory is O(b * ng * sk) for the bias vector (plus the block mask), not O(L^2). ``compiled``: wrap
+    flex_attention in torch.compile (default: on CUDA; eager flex on CUDA raises, it materialises the scores).
+    Compiled, sq and sk are padded up to ``flex_bucket`` sizes and the query offset and window are tensors, so a
+    process compiles one graph per bucket, not per length; one more distinct shape than
+    torch._dynamo.config.recompile_limit raises (dynamo would otherwise run flex eagerly, at L x L memory).
+    Padding is exact: padded keys sit after every real query (invisible by causality), padded query rows are cut.
     """
-    from torch.nn.attention.flex_attention import flex_attention
-
     b, np_, sq, hn = query.shape
     ng, sk = key.shape[1], key.shape[2]
-    g = np_ // ng
-    offset = sk - sq
-    block_mask = causal_block_mask(sq, sk, query.device)
-    if key_logits is None:
-        score_mod = None
-    else:
-        if hard:
-            kbias = torch.zeros(key_logits.shape, dtype=query.dtype, device=query.device)
-            kbias = kbias.masked_fill(key_logits > 0, float("-inf"))
-        else:
-            kbias = F.logsigmoid(-key_logits.to(query.dtype))
-
-        def score_mod(score, b_, h_, q_idx, kv_idx):
-            far = (q_idx + offset - kv_idx) > window
-            return score + torch.where(far, kbias[b_, h_ // g, kv_idx], 0.0)
-
-    fn = flex_attention
     if compiled is None:
         compiled = query.is_cuda
-    if compiled:
-        fn = _compiled_flex()
-    return fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=softmax_scale,
-              enable_gqa=ng != np_)
+    if query.is_cuda and not compiled:
+        raise ValueError("flex_dms_attention: eager flex_attention on CUDA materialises [b, np, sq, sk] scores; "
+                         "use compiled=True (the default on CUDA)")
+    sq_pad, sk_pad = (flex_bucket(sq), flex_bucket(sk)) if compiled else (sq, sk)
+    kbias = None if key_logits is None else _flex_key_bias(key_logits, hard, query.dtype, sk_pad)
+    offset = torch.tensor(sk - sq, device=query.device)                               # tensors: no recompiles
+    score_mod = None if kbias is None else _dms_score_mod(kbias, offset, torch.tensor(window, device=query.device),
+                                                          np_ // ng)
+    block_mask = causal_block_mask(sq_pad, sk_pad, query.device, offset=sk - sq)
+    q = F.pad(query, (0, 0, 0, sq_pad - sq)) if sq_pad > sq else query                # [b, np, sq_pad, hn]
+    k, v = (F.pad(t, (0, 0, 0, sk_pad - sk)) if sk_pad > sk else t for t in (key, value))  # [b, ng, sk_pad, hn]
+    kw = dict(score_mod=score_mod, block_mask=block_mask, scale=softmax_scale, enable_gqa=ng != np_)
+    if not compiled:
+        return flex_attention(q, k, v, **kw)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, key_logits))
+    _count_flex_graph((sq_pad, sk_pad, b, np_, ng, hn, query.dtype, query.device.type, kbias is None, grad,
+                       softmax_scale))
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        out = _compiled_flex()(q, k, v, **kw)
+    return out[:, :, :sq] if sq_pad > sq else out
+
+
+def flex_bucket(n: int) -> int:
+    """Compiled-flex length bucket: 128, then the smallest of 2^k and 1.5 * 2^k (k >= 8) that is >= n; always a
+    multiple of the 128 flex tile, at most 50% padding above 256, 20 buckets up to 128k."""
+    if n < 1:
+        raise ValueError(f"flex_bucket: length {n} must be >= 1")
+    if n <= FLEX_BLOCK:
+        return FLEX_BLOCK
+    size = 2 * FLEX_BLOCK
+    while True:
+        for cand in (size, size * 3 // 2):
+            if cand >= n:
+                return cand
+        size *= 2
+
+
+def _flex_key_bias(key_logits: torch.Tensor, hard: bool, dtype, sk_pad: int) -> torch.Tensor:
+    """Per-key far bias [b, ng, sk_pad] (zeros on padded keys): soft logsigmoid(-z), hard 0 / -inf where z > 0."""
+    if hard:
+        kbias = torch.zeros(key_logits.shape, dtype=dtype, device=key_logits.device)
+        kbias = kbias.masked_fill(key_logits > 0, float("-inf"))
+    else:
+        kbias = F.logsigmoid(-key_logits.to(dtype))
+    pad = sk_pad - key_logits.shape[-1]
+    return F.pad(kbias, (0, pad)) if pad else kbias
+
+
+def _dms_score_mod(kbias: torch.Tensor, offset: torch.Tensor, window: torch.Tensor, group: int):
+    def score_mod(score, b_, h_, q_idx, kv_idx):
+        far = (q_idx + offset - kv_idx) > window
+        return score + torch.where(far, kbias[b_, h_ // group, kv_idx], 0.0)
+
+    return score_mod
+
+
+_FLEX_GRAPHS: set = set()
+
+
+def _count_flex_graph(key: tuple) -> None:
+    """Explicit guard on the compiled flex graphs of this process (one per distinct padded shape/dtype/mode)."""
+    if key in _FLEX_GRAPHS:
+        return
+    limit = torch._dynamo.config.recompile_limit
+    if len(_FLEX_GRAPHS) >= limit:
+        raise RuntimeError(f"flex_dms_attention: shape {key} would be compiled shape {len(_FLEX_GRAPHS) + 1} > "
+                           f"torch._dynamo.config.recompile_limit={limit} (beyond it flex runs eagerly at L x L "
+                           "memory): use fewer distinct lengths/shapes per process or raise the limit")
+    _FLEX_GRAPHS.add(key)
 
 
 _COMPILED = None
 FLEX_BLOCK = 128
 
 
-def causal_block_mask(sq: int, sk: int, device, block: int = FLEX_BLOCK):
-    """FlexAttention BlockMask for causal attention of the last ``sq`` of ``sk`` positions, built from block
-    counts in O((sq/block) * (sk/block)) memory (``create_block_mask`` would evaluate the mask on all sq*sk pairs)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    offset = sk - sq
+def causal_block_mask(sq: int, sk: int, device, block: int = FLEX_BLOCK, offset: Optional[int] = None):
+    """FlexAttention BlockMask for causal attention of the last ``sq`` of ``sk`` positions (query i at position
+    ``offset`` + i, default sk - sq), built from block counts in O((sq/block) * (sk/block)) memory
+    (``create_block_mask`` would evaluate the mask on all sq*sk pairs). The mask_mod reads the offset as a tensor."""
+    offset = sk - sq if offset is None else offset
+    offset_t = torch.tensor(offset, device=device)
     nq, nk = -(-sq // block), -(-sk // block)
     q_first = torch.arange(nq, device=device) * block + offset  # position of each q block's first query
     q_last = torch.clamp(q_first + block - 1, max=sk - 1)
@@ -121,7 +174,7 @@ def causal_block_mask(sq: int, sk: int, device, block: int = FLEX_BLOCK):
         return num[None, None], idx.to(torch.int32)[None, None]
 
     def causal(b_, h_, q_idx, kv_idx):
-        return q_idx + offset >= kv_idx
+        return q_idx + offset_t >= kv_idx
 
     kv_num, kv_idx = pack(partial)
     full_num, full_idx = pack(full)
@@ -132,15 +185,15 @@ def causal_block_mask(sq: int, sk: int, device, block: int = FLEX_BLOCK):
 def _compiled_flex():
     global _COMPILED
     if _COMPILED is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
         _COMPILED = torch.compile(flex_attention, dynamic=False)
     return _COMPILED
 
 
-BACKENDS = {"dense": dense_dms_attention, "flex": flex_dms_attention}
-#: What ``backend="auto"`` means on each device: the fastest exact kernel there.
-AUTO_BACKEND = {"cpu": "dense", "cuda": "flex"}
+BACKENDS = {"dense": dense_dms_attention, "flex": flex_dms_attention, "triton": triton_dms_attention,
+            "two_part": two_part_dms_attention}
+#: What ``backend="auto"`` means on each device: the fastest exact kernel there (Triton flash-style DMS kernel on
+#: CUDA; the dense reference on CPU, where flex has no backward).
+AUTO_BACKEND = {"cpu": "dense", "cuda": "triton"}
 
 
 def resolve_backend(name: str, device_type: str):
@@ -155,4 +208,5 @@ def resolve_backend(name: str, device_type: str):
     return name, BACKENDS[name]
 
 
-__all__ = ["dense_dms_attention", "flex_dms_attention", "BACKENDS", "AUTO_BACKEND", "resolve_backend"]
+__all__ = ["dense_dms_attention", "flex_dms_attention", "flex_bucket", "BACKENDS", "AUTO_BACKEND",
+           "resolve_backend"]
