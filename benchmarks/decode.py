@@ -22,7 +22,7 @@ import torch
 
 from dms_megatron.config import DMSConfig, ModelConfig
 from dms_megatron.inference import DecoderModel, Engine, make_press
-from dms_megatron.inference.model import expected_tensors
+from dms_megatron.convert.families import hf_tensor_shapes
 
 KEEP_EVERY = 9       # one token in 9 survives eviction -> CR ~ 8 at 4K with window 16
 WINDOW = 16
@@ -35,7 +35,7 @@ def scripted_model(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int
     dms = DMSConfig(window=WINDOW, alpha_source="adapter")
     g = torch.Generator().manual_seed(0)
     sd = {}
-    for name, shape in expected_tensors(mc, dms).items():
+    for name, shape in hf_tensor_shapes(mc, dms).items():
         sd[name] = torch.ones(shape) if name.endswith("norm.weight") else 0.02 * torch.randn(shape, generator=g)
     emb = sd["model.embed_tokens.weight"]
     emb[:, 0] = torch.where(torch.arange(VOCAB) % KEEP_EVERY == 0, -1.0, 1.0)

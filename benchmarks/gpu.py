@@ -1,9 +1,15 @@
 """GPU benchmarks of dms-megatron on one CUDA device: writes JSON, prints markdown tables.
 
+  python benchmarks/gpu.py --out gpu.json                                   # everything (< 8 min on an H100/H200)
   python benchmarks/gpu.py --only kernels --out gpu-kernels.json           # L = 4k..32k, windows 256 / 512
-  python benchmarks/gpu.py --only kernels --quick --out /tmp/quick.json    # L = 4k, window 256 (smoke run)
+  python benchmarks/gpu.py --only steps --out gpu-steps.json               # plain vs re-fit model steps
+  python benchmarks/gpu.py --quick --out /tmp/quick.json                   # smallest configurations (smoke run)
 
-Sections (``--only``; default: all): ``kernels`` = fwd+bwd time and extra peak memory of the attention kernels
+Sections (``--only``; default: all): ``steps`` = a plain fine-tune step against a DMS re-fit step (teacher forward
+included) of a Llama-like 1.2B model (16 layers, hidden 2048, 32/8 heads, ffn 8192, vocab 32k, seq 4096, micro
+batch 1, bf16) with the local spec and, where transformer-engine imports, the TE spec, and of a Qwen3-8B-shaped
+4-layer stack: step times, tokens/s, MFU, peak memory (``model_steps.py``). ``kernels`` = fwd+bwd time and
+extra peak memory of the attention kernels
 (bf16, batch 1, 32 query / 8 KV heads, head dim 128): torch causal SDPA (flash), flex without bias, flex DMS,
 dense DMS (where it fits), the exact two-part split on flash kernels, and the Triton DMS kernel. Times are
 medians of CUDA-event timings after warm-up (compiles and autotuning happen in the warm-up); ratios are against
@@ -25,8 +31,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dms_megatron.core.attention import dense_dms_attention, flex_dms_attention  # noqa: E402
+from dms_megatron.megatron.distributed import init_process_groups  # noqa: E402
+
+from model_steps import step_markdown, step_table  # noqa: E402
 from dms_megatron.core.triton_dms import triton_dms_attention  # noqa: E402
 from dms_megatron.core.two_part import two_part_dms_attention  # noqa: E402
 
@@ -193,7 +203,7 @@ def kernel_markdown(result: dict) -> str:
     return "\n".join(rows + ([""] + notes if notes else []))
 
 
-SECTIONS = {"kernels": (kernel_table, kernel_markdown)}
+SECTIONS = {"steps": (step_table, step_markdown), "kernels": (kernel_table, kernel_markdown)}
 
 
 def main(argv=None) -> int:
@@ -204,11 +214,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per cell (median)")
     ap.add_argument("--lengths", type=int, nargs="+", help=f"kernels: sequence lengths (default {LENGTHS})")
     ap.add_argument("--max-seconds", type=float, default=170.0, help="kernels: skip cells started after this")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="steps: the chip's dense bf16 peak (MFU)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA device (torch.cuda.is_available() is False): run it on the GPU "
               "machine", file=sys.stderr)
         return 2
+    init_process_groups(1, 1)  # one rank (nccl): the model steps build megatron models
     results = {}
     for name in args.only or list(SECTIONS):
         table, markdown = SECTIONS[name]

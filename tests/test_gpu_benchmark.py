@@ -39,3 +39,24 @@ def test_ratios_and_markdown(gpu_bench):
     assert md[2].startswith("| 4096 | 256 | 2.00 ms (1.00x), +0.50 GiB | – | – | – | error | 3.00 ms (1.50x)")
     assert any("two_part L=4096 w=256: RuntimeError: boom" in line for line in md)
     assert any("dense_dms L=4096 w=256: needs ~9 GiB" in line for line in md)
+
+
+def test_model_step_section_runs_on_a_tiny_model(gpu_bench, megatron_single):
+    """The steps section's measurement (the same code the GPU run uses) on CPU with a tiny fp32 model: both steps
+    run, and the reported numbers are consistent."""
+    import model_steps as steps
+
+    from dms_megatron.config import ModelConfig
+
+    tiny = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                       vocab_size=96, make_vocab_size_divisible_by=32, max_position_embeddings=64)
+    out = steps.measure(steps.StepSetup(tiny, seq=32, micro_batch=2, precision="fp32", window=4),
+                        torch.device("cpu"), reps=2, warmup=1, peak_tflops=1.0)
+    for name in ("plain", "refit"):
+        assert out[name]["ms"] > 0 and out[name]["tokens_per_s"] == pytest.approx(64 / out[name]["ms"] * 1e3)
+    assert out["refit_over_plain"] == pytest.approx(out["refit"]["ms"] / out["plain"]["ms"])
+    md = steps.step_markdown({"cells": [out, {"spec": "te", "model": 16, "error": "ConfigError: no TE"}]})
+    assert "| llama 2x64 | local |" in md and "error: ConfigError: no TE" in md
+    # FLOPs per token: 6 x non-embedding parameters + causal attention
+    per_layer = 64 * (4 + 2 * 2) * 16 + 4 * 16 * 64 + 3 * 64 * 128
+    assert steps._flops_per_token(tiny, 32) == 6 * 2 * per_layer + 6 * 2 * 32 * 4 * 16

@@ -12,7 +12,7 @@ import queue
 import re
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from dms_megatron.config import DMSConfig, ModelConfig, from_dict
@@ -88,7 +89,12 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
         common["scheduler"] = scheduler.state_dict()
     state["common"] = common
     _use_in_process_results_queue()
-    dist_checkpointing.save(state, str(tmp))
+    try:
+        dist_checkpointing.save(state, str(tmp))
+    except (Exception, DCPException) as e:  # noqa: BLE001 - disk full, file-size limit, ...: one line, no partial
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing checkpoint {final} failed: {_reason(e)}") from e
     _barrier()
     if _rank() == 0:
         if final.exists():
@@ -145,6 +151,32 @@ def read_extra(load_dir, iteration: Optional[int] = None) -> dict:
     return _common(d).get("extra", {})
 
 
+def _reason(e: BaseException) -> str:
+    """One line for an exception; torch wraps a per-rank failure in a traceback dump whose last line is the
+    reason."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    msg = lines[-1] if isinstance(e, DCPException) and lines else " ".join(lines)
+    return f"{type(e).__name__}: {msg[:400]}"
+
+
+def damaged_files(d: Path) -> List[str]:
+    """Data files of a dist-checkpoint shorter than its metadata says (truncated or cut-off writes)."""
+    try:
+        meta = FileSystemReader(str(d)).read_metadata()
+    except Exception:  # noqa: BLE001 - unreadable metadata is reported by the caller's own error
+        return []
+    need: dict = {}
+    for item in meta.storage_data.values():
+        need[item.relative_path] = max(need.get(item.relative_path, 0), item.offset + item.length)
+    out = []
+    for name, size in sorted(need.items()):
+        p = d / name
+        have = p.stat().st_size if p.is_file() else -1
+        if have < size:
+            out.append(f"{p} ({'missing' if have < 0 else f'{have} bytes, needs {size}'})")
+    return out
+
+
 def _load(d: Path, state: dict, strict: bool) -> dict:
     try:
         return dist_checkpointing.load(state, str(d),
@@ -152,10 +184,12 @@ def _load(d: Path, state: dict, strict: bool) -> dict:
     except CheckpointError:
         raise
     except (Exception, DCPException) as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        # torch wraps the per-rank failure in a traceback dump: its last line is the actual reason
-        msg = lines[-1] if isinstance(e, DCPException) and lines else " ".join(lines)
-        raise CheckpointError(f"cannot load {d}: {type(e).__name__}: {msg[:400]}") from e
+        damaged = damaged_files(d)
+        if damaged:
+            raise CheckpointError(f"cannot load {d}: data file {damaged[0]} is truncated or missing"
+                                  f"{f' ({len(damaged)} such)' if len(damaged) > 1 else ''}; load an earlier "
+                                  f"iteration or re-create the checkpoint") from e
+        raise CheckpointError(f"cannot load {d}: {_reason(e)}") from e
 
 
 def _apply_model(model, loaded_model: dict, strict: bool):

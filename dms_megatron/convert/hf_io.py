@@ -193,11 +193,12 @@ def _header_bytes(tensors: Sequence[PlannedTensor], metadata: Optional[Dict[str,
 
 
 def write_safetensors_streaming(directory, plan: Sequence[PlannedTensor], produce: Callable[[str], torch.Tensor],
-                                *, max_shard_bytes: int = 5 * 1024 ** 3,
-                                metadata: Optional[Dict[str, str]] = None) -> List[Path]:
+                                *, max_shard_bytes: int = 5 * 1024 ** 3, metadata: Optional[Dict[str, str]] = None,
+                                progress: Optional[Callable[[int], None]] = None) -> List[Path]:
     """Write ``plan`` into ``directory`` as safetensors shards, computing each tensor with ``produce(name)`` just
     before its bytes are written (produce may return tensors in any order-independent way; each is checked against
     its planned shape and dtype). Writes ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index.
+    ``progress(nbytes)`` is called after each tensor is written.
     """
     directory = Path(directory)
     metadata = {"format": "pt", **(metadata or {})}
@@ -218,6 +219,8 @@ def write_safetensors_streaming(directory, plan: Sequence[PlannedTensor], produc
                 x = x.detach().contiguous().cpu()
                 if x.numel():
                     f.write(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+                if progress is not None:
+                    progress(x.numel() * x.element_size())
                 del x
                 weight_map[t.name] = fname
         paths.append(path)

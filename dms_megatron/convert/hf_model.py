@@ -5,7 +5,7 @@ without loading tensors (``read_hf_model``), and streamed into a megatron model 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state as ps
@@ -15,6 +15,7 @@ from dms_megatron.convert.families import family_for_hf_config, uses_adapter
 from dms_megatron.convert.hf_io import ConversionError, SafetensorsReader, read_config
 from dms_megatron.convert.mapping import (TP_ROWS, BoundRule, VocabPad, bind_rules, dms_from_hf, pp_layer_range,
                                           tp_shard, validate_hf_tensors)
+from dms_megatron.convert.progress import ByteProgress
 
 DEFAULT_DIVISIBLE_BY = 128
 
@@ -68,56 +69,73 @@ def uses_te_names(model) -> bool:
     return any(k.endswith("linear_qkv.layer_norm_weight") for k in model.state_dict())
 
 
+class _RankTarget:
+    """This rank's parameters of ``model`` and the tensor-parallel shard rule that fills them."""
+
+    def __init__(self, model, mc: ModelConfig):
+        self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.pp, self.pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+        self.mc = mc
+        self.params = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+        self.written: set = set()
+
+    def targets(self, b: BoundRule) -> List[str]:
+        """The local parameter names rule ``b`` fills on this rank (a tied head: the last stage keeps its own copy
+        of the tied embedding as the output layer)."""
+        name = _local_name(b, self.mc, self.pp, self.pp_rank)
+        tied_head = (self.mc.tie_embeddings and self.pp > 1 and self.pp_rank == self.pp - 1
+                     and b.megatron.startswith("embedding.word"))
+        return ([name] if name is not None else []) + (["output_layer.weight"] if tied_head else [])
+
+    def put(self, name: str, full: torch.Tensor, kind: str) -> None:
+        if name not in self.params:
+            raise ConversionError(f"megatron model has no parameter {name!r} (model built with another config?)")
+        shard = tp_shard(full, kind, self.tp, self.tp_rank)
+        dst = self.params[name]
+        if tuple(dst.shape) != tuple(shard.shape):
+            raise ConversionError(f"{name}: converted shard {list(shard.shape)} does not match the megatron "
+                                  f"parameter {list(dst.shape)} (tp={self.tp})")
+        with torch.no_grad():
+            dst.copy_(shard)
+        self.written.add(name)
+
+    def put_vocab(self, name: str, w: torch.Tensor) -> None:
+        """Pad a vocabulary tensor straight into this rank's rows: no padded copy of the (largest) tensor."""
+        p = self.params.get(name)
+        if p is None or p.shape[0] * self.tp != self.mc.padded_vocab_size:
+            raise ConversionError(f"megatron parameter {name!r} missing or not [{self.mc.padded_vocab_size}/{self.tp}, "
+                                  f"hidden] (model built with another config?)")
+        with torch.no_grad():
+            VocabPad.fill_shard(w, p, self.tp, self.tp_rank)
+        self.written.add(name)
+
+
 def load_hf_into_model(model, reader: SafetensorsReader, fam, mc: ModelConfig, dms: Optional[DMSConfig],
                        allow_missing: Sequence[str] = ()) -> int:
     """Stream the HF tensors this rank holds into ``model`` (one rule at a time). Every parameter of ``model`` must
     be written exactly once, except those whose name contains one of ``allow_missing`` (e.g. "dms_alpha": a DMS
     adapter student initialised from a plain model keeps its initial adapter); returns the number written."""
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     bound = bind_rules(fam.rules, mc, adapter=uses_adapter(dms), te=uses_te_names(model))
-    params = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
-    written = set()
-
-    def put(name: str, full: torch.Tensor, kind: str) -> None:
-        if name not in params:
-            raise ConversionError(f"megatron model has no parameter {name!r} (model built with another config?)")
-        shard = tp_shard(full, kind, tp, tp_rank)
-        dst = params[name]
-        if tuple(dst.shape) != tuple(shard.shape):
-            raise ConversionError(f"{name}: converted shard {list(shard.shape)} does not match the megatron "
-                                  f"parameter {list(dst.shape)} (tp={tp})")
-        with torch.no_grad():
-            dst.copy_(shard)
-        written.add(name)
-
+    target = _RankTarget(model, mc)
+    progress = ByteProgress(f"loading {reader.directory}", sum(reader.infos[n].end - reader.infos[n].begin
+                                                               for b in bound for n in b.hf))
     for b in bound:
-        name = _local_name(b, mc, pp, pp_rank)
-        tied_head = mc.tie_embeddings and pp > 1 and pp_rank == pp - 1 and b.megatron.startswith("embedding.word")
-        if name is None and not tied_head:
-            continue
-        targets = ([name] if name is not None else []) + (["output_layer.weight"] if tied_head else [])
-        # (a tied head: the last stage keeps its own copy of the tied embedding as the output layer)
-        if isinstance(b.rule.transform, VocabPad) and b.rule.tp == TP_ROWS:
-            (w,) = [reader.get(n) for n in b.hf]  # pad in place: no padded copy of the (largest) vocab tensor
+        targets = target.targets(b)
+        if targets and isinstance(b.rule.transform, VocabPad) and b.rule.tp == TP_ROWS:
+            (w,) = [reader.get(n) for n in b.hf]
             for t in targets:
-                if t not in params or params[t].shape[0] * tp != mc.padded_vocab_size:
-                    raise ConversionError(f"megatron parameter {t!r} missing or not [{mc.padded_vocab_size}/{tp}, "
-                                          f"hidden] (model built with another config?)")
-                with torch.no_grad():
-                    VocabPad.fill_shard(w, params[t], tp, tp_rank)
-                written.add(t)
-            del w
-            continue
-        full = b.rule.transform.to_megatron([reader.get(n) for n in b.hf], mc)
-        for t in targets:
-            put(t, full, b.rule.tp)
-        del full
-    missing = sorted(k for k in set(params) - written if not any(a in k for a in allow_missing))
+                target.put_vocab(t, w)
+        elif targets:
+            full = b.rule.transform.to_megatron([reader.get(n) for n in b.hf], mc)
+            for t in targets:
+                target.put(t, full, b.rule.tp)
+            del full
+        progress.add(sum(reader.infos[n].end - reader.infos[n].begin for n in b.hf))
+    missing = sorted(k for k in set(target.params) - target.written if not any(a in k for a in allow_missing))
     if missing:
         raise ConversionError(f"megatron parameter {missing[0]!r} has no source tensor ({len(missing)} such): "
                               f"mapping incomplete for this model")
-    return len(written)
+    return len(target.written)
 
 
 __all__ = ["read_hf_model", "load_hf_into_model", "is_hf_dir", "uses_te_names", "DEFAULT_DIVISIBLE_BY"]

@@ -10,12 +10,14 @@ renamed into place only once complete: a failed conversion leaves nothing behind
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from dms_megatron.convert.hf_io import (ConversionError, check_output_dir, final
 from dms_megatron.convert.hf_model import DEFAULT_DIVISIBLE_BY, load_hf_into_model, read_hf_model, uses_te_names
 from dms_megatron.convert.mapping import (DMS_AUTO_MAP, ExportProducer, bind_rules, dms_to_hf, export_plan,
                                           pp_layer_range)
+from dms_megatron.convert.progress import ByteProgress
 from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
 from dms_megatron.megatron.model import build_gpt_model, transformer_config
 
@@ -98,6 +101,10 @@ def import_checkpoint(hf_dir, megatron_path, *, tp: int = 1, pp: int = 1, dtype:
             for p in iter_side_files(hf_dir):
                 shutil.copy2(p, assets / p.name)
             finalize_output(tmp, out)
+    except (OSError, CheckpointError) as e:  # disk full, file-size limit: one line, nothing left behind
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(f"writing {out} failed: {e}") from e
     except BaseException:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -156,13 +163,54 @@ def export_tensors(model, mc: ModelConfig, dms: Optional[DMSConfig], fmt: str, o
         return params[name]
 
     plan = export_plan(bound, lambda b: dtype)
+    progress = ByteProgress(f"dms-convert export: writing {out_dir}", sum(t.nbytes for t in plan))
     write_safetensors_streaming(out_dir, plan, ExportProducer(bound, get, mc, dtype),
-                                max_shard_bytes=max_shard_bytes)
+                                max_shard_bytes=max_shard_bytes, progress=progress.add)
+
+
+def remote_code_files(config: dict) -> List[str]:
+    """The Python files a config's ``auto_map`` makes transformers load with trust_remote_code (sorted)."""
+    return sorted({ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values()})
+
+
+def check_modeling_code(config: dict, modeling_code: Optional[Path]) -> List[Path]:
+    """The files of ``modeling_code`` an export must carry for its auto_map; a one-line ConversionError for a
+    missing one or an export without auto_map; [] (and a note on stderr) when no directory is given."""
+    needed = remote_code_files(config)
+    if modeling_code is None:
+        if needed:
+            print(f"note: the export's auto_map names {', '.join(needed)}, which it does not contain: pass "
+                  f"--modeling-code DIR (the official Qwen3-DMS code, NVIDIA Model-Optimizer "
+                  f"experimental/dms/models/qwen3) so AutoModelForCausalLM.from_pretrained(OUT, "
+                  f"trust_remote_code=True) can load it", file=sys.stderr)
+        return []
+    if not needed:
+        raise ConversionError("--modeling-code: this export has no auto_map (only --format dms of a Qwen3 model "
+                              "loads through remote code)")
+    missing = [n for n in needed if not (Path(modeling_code) / n).is_file()]
+    if missing:
+        raise ConversionError(f"--modeling-code {modeling_code} lacks {', '.join(missing)} (the export's auto_map "
+                              f"names {', '.join(needed)})")
+    return [Path(modeling_code) / n for n in needed]
+
+
+def unimportable_modules(files: List[Path]) -> List[str]:
+    """Top-level modules the given Python files import (absolutely) that this environment cannot import."""
+    names = set()
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.split(".")[0])
+    return sorted(n for n in names if importlib.util.find_spec(n) is None)
 
 
 def export_checkpoint(megatron_path, hf_path, *, fmt: str = "dms", iteration: Optional[int] = None,
-                      dtype: Optional[str] = None, max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
-    """Megatron checkpoint (any saved layout; loaded at tp=1, pp=1) -> HF directory ``hf_path``."""
+                      dtype: Optional[str] = None, max_shard_bytes: int = 5 * 1024 ** 3,
+                      modeling_code: Optional[Path] = None) -> Path:
+    """Megatron checkpoint (any saved layout; loaded at tp=1, pp=1) -> HF directory ``hf_path`` (with the files of
+    ``modeling_code`` its auto_map names, for ``trust_remote_code`` loading)."""
     out = check_output_dir(hf_path)
     if fmt not in ("dms", "plain"):
         raise ConversionError(f"--format {fmt!r} is not supported; allowed: dms, plain")
@@ -175,6 +223,7 @@ def export_checkpoint(megatron_path, hf_path, *, fmt: str = "dms", iteration: Op
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     config = build_hf_config(mc, dms, fmt, dtype, base)
+    code = check_modeling_code(config, modeling_code)
     if fmt == "plain" and dms is not None and dms.alpha_source == "qneuron":
         print(f"note: {megatron_path} holds a q-neuron DMS student; --format plain drops the DMS semantics "
               f"(the borrowed query neuron is used as an ordinary query dimension)", file=sys.stderr)
@@ -193,16 +242,24 @@ def export_checkpoint(megatron_path, hf_path, *, fmt: str = "dms", iteration: Op
         del model
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         assets = Path(megatron_path) / ASSETS
-        if assets.is_dir():
-            for p in sorted(assets.iterdir()):
-                shutil.copy2(p, tmp / p.name)
+        for p in (sorted(assets.iterdir()) if assets.is_dir() else []) + code:
+            shutil.copy2(p, tmp / p.name)
         finalize_output(tmp, out)
+    except OSError as e:  # disk full, file-size limit, permissions: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(f"writing {out} failed: {e.strerror or e} ({e.filename or tmp})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         _release(owned)
+    missing = unimportable_modules(code)
+    if missing:
+        print(f"note: the modeling code imports {', '.join(missing)}, which this environment lacks; install it "
+              f"where the model is loaded (the official code needs the `dms` package of Model-Optimizer)",
+              file=sys.stderr)
     return out
 
 
-__all__ = ["check_import", "import_checkpoint", "export_checkpoint", "build_hf_config", "export_tensors", "ASSETS"]
+__all__ = ["check_import", "import_checkpoint", "export_checkpoint", "build_hf_config", "export_tensors", "ASSETS",
+           "remote_code_files", "check_modeling_code", "unimportable_modules"]

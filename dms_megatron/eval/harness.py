@@ -148,5 +148,24 @@ def budget_for(peak_tokens: float, layers: int, kv_heads: int) -> int:
     return max(1, math.ceil(peak_tokens / (layers * kv_heads) - 1e-9))
 
 
+def reads_budget_for(kv_reads: float, layers: int, kv_heads: int, length: int) -> int:
+    """Per (sequence, layer, KV head) read budget B of a method that keeps the whole cache and reads at most B tokens
+    a step (Quest), matched to a KV-read total: the smallest B whose reads over a streamed sequence of ``length``
+    tokens (decode steps see 2 .. length tokens, reading min(B, t)) reach ``kv_reads`` / (layers x KV heads)."""
+    target = kv_reads / (layers * kv_heads)
+
+    def reads(b: int) -> int:
+        return sum(min(b, t) for t in range(2, length + 1))
+
+    lo, hi = 1, max(1, length)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reads(mid) >= target - 1e-9:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 __all__ = ["stream", "stated_position", "resident", "RecallProbe", "recall_metrics", "kl_metrics",
-           "teacher_logits", "budget_for"]
+           "teacher_logits", "budget_for", "reads_budget_for"]

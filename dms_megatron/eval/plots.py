@@ -26,7 +26,7 @@ def short_number(x: float, _pos=None) -> str:
         return "0"
     if abs(x) >= 1000:
         return f"{x / 1000:.3g}k"
-    return f"{x:.3g}" if abs(x) >= 1e-3 else f"{x:.2e}"
+    return f"{x:.3g}"
 
 
 def _panel(ax, results: Dict[str, dict], x_key: str, y_key: str, xlabel: str, ylabel: str) -> None:

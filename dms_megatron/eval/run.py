@@ -2,7 +2,9 @@
 
 eval.json: {method: {cr: {recall_acc, kl, peak_tokens, kv_reads, ...}}} with method keys vanilla, dms, tova, h2o,
 streamingllm, quest. vanilla (the teacher with its full cache) sits under cr "1"; every baseline at CR c runs on the
-teacher with the per-head budget matched to the peak tokens the CR-c DMS student reached on the same task.
+teacher with the per-head budget matched to the CR-c DMS student on the same task: TOVA, H2O and StreamingLLM
+(which evict) at the peak tokens DMS held, Quest (which keeps the whole cache and reads a subset) at the KV reads
+DMS made.
 ``peak_tokens`` / ``kv_reads`` are the recall task's (mean per item); ``kl_peak_tokens`` / ``kl_kv_reads`` those of
 the held-out text the KL is measured on. Recall rows also carry ``answer_resident`` (per layer, the fraction of
 answers x KV heads whose cache still holds the statement when the question is asked) and
@@ -27,7 +29,7 @@ from dms_megatron.config import ConfigError, RefitConfig
 from dms_megatron.data.embedded import TEACHER_DIR, cache_root, heldout_file, read_heldout_text, verify_teacher
 from dms_megatron.data.recall import read_items
 from dms_megatron.eval.config import EvalConfig, cr_key
-from dms_megatron.eval.harness import budget_for, kl_metrics, recall_metrics, teacher_logits
+from dms_megatron.eval.harness import budget_for, kl_metrics, reads_budget_for, recall_metrics, teacher_logits
 from dms_megatron.eval.plots import pareto_plots
 from dms_megatron.inference.engine import Engine
 from dms_megatron.inference.loading import checkpoints_dir, load_model
@@ -112,6 +114,15 @@ def ensure_student(cfg: EvalConfig, cr: float, assets: EvalAssets, run_dir: Path
     return root / "checkpoints"
 
 
+def _baseline_budgets(name: str, dms: dict, layers: int, ng: int, items: List[dict], seqs: torch.Tensor):
+    """(recall budget, KL budget) per layer and KV head of a baseline matched to the DMS student's row."""
+    if name == "quest":
+        rec = reads_budget_for(dms["kv_reads"], layers, ng, len(items[0]["ids"])) if items else 1
+        return rec, reads_budget_for(dms["kl_kv_reads"], layers, ng, seqs.shape[1])
+    return budget_for(dms.get("peak_tokens", dms["kl_peak_tokens"]), layers, ng), \
+        budget_for(dms["kl_peak_tokens"], layers, ng)
+
+
 def _budget_press(name: str, cfg: EvalConfig, budget: int):
     kw = {"streamingllm": {"sinks": min(cfg.streamingllm_sinks, budget - 1)},
           "quest": {"page": min(cfg.quest_page, budget)}}.get(name, {})
@@ -167,10 +178,10 @@ def run_eval(cfg: EvalConfig, run_dir: Path, log=print) -> dict:
         progress.step(f"CR {key} dms: {_brief(dms)}")
         if "dms" in results:
             results["dms"][key] = dms
-        # the recall and KL tasks have different lengths, so each gets the budget DMS reached on it
-        b_rec = budget_for(dms.get("peak_tokens", dms["kl_peak_tokens"]), layers, ng)
-        b_kl = budget_for(dms["kl_peak_tokens"], layers, ng)
+        # the recall and KL tasks have different lengths, so each gets the budget DMS reached on it: eviction
+        # methods at DMS's peak tokens, Quest (whole cache, reads less) at DMS's KV reads
         for name in baselines:
+            b_rec, b_kl = _baseline_budgets(name, dms, layers, ng, items, seqs)
             results[name][key] = dict(_row(Engine(teacher, _budget_press(name, cfg, b_rec)), items, seqs, t_logits,
                                            Engine(teacher, _budget_press(name, cfg, b_kl))),
                                       budget=b_rec, kl_budget=b_kl)

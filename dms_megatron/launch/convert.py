@@ -2,6 +2,7 @@
 
     dms-convert import --hf-model DIR --megatron-path DIR [--tp N --pp N] [--dtype float32]
     dms-convert export --megatron-path DIR --hf-path DIR [--format dms|plain] [--iteration N] [--dtype ...]
+                       [--modeling-code DIR]      (the official Qwen3-DMS modeling files, for trust_remote_code)
 
 With --tp/--pp > 1 and no torchrun environment, import checks everything first, then relaunches itself under
 torchrun with tp*pp processes; each rank reads only the HF tensors it holds (megatron dist-checkpoints are
@@ -14,6 +15,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from dms_megatron.convert.families import DTYPES
 from dms_megatron.convert.hf_io import ConversionError
@@ -40,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                      help="HF tensor dtype (default: the original HF dtype, else float32)")
     exp.add_argument("--max-shard-size-mb", type=int, default=5 * 1024)
+    exp.add_argument("--modeling-code", type=Path, default=None,
+                     help="directory with the modeling files the DMS export's auto_map names (the official "
+                          "Qwen3-DMS configuration_qwen3_dms.py + modeling_qwen3_dms.py); copied into the export")
     return p
 
 
@@ -57,7 +62,8 @@ def _run(args, argv) -> object:
             return _relaunch_under_torchrun(args.tp * args.pp, argv)
         return import_checkpoint(args.hf_model, args.megatron_path, **kw)
     return export_checkpoint(args.megatron_path, args.hf_path, fmt=args.format, iteration=args.iteration,
-                             dtype=args.dtype, max_shard_bytes=args.max_shard_size_mb * 1024 ** 2)
+                             dtype=args.dtype, max_shard_bytes=args.max_shard_size_mb * 1024 ** 2,
+                             modeling_code=args.modeling_code)
 
 
 def main(argv=None) -> int:
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
     try:
         out = _run(args, argv)
     except ConversionError as e:
-        print(f"dms-convert {args.verb}: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if isinstance(out, int):  # the torchrun relaunch's exit status
         return out

@@ -105,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with torch.inference_mode():
             res = run(args)
     except (ValueError, ConfigError, ModelLoadError, FileNotFoundError) as e:
-        print(f"dms-generate: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(res))

@@ -69,11 +69,12 @@ def explain(e: Exception, keys: Iterable[str]) -> str:
     """One line for a Hydra / OmegaConf composition error, with the closest valid key or group option."""
     text = "\n".join(str(x) for x in (e, e.__cause__) if x is not None)  # Hydra wraps OmegaConf's reason
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    override = re.search(r"(?:Could not override|Error merging override) '?([^'=\s]+)", text)
     full_key = re.search(r"full_key: (\S+)", text)
-    key = full_key.group(1) if full_key else None
-    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' (?:is )?not in", text)
-    if m and key is None:
-        key = m.group(1)
+    key = override.group(1) if override else (full_key.group(1) if full_key else None)
+    if key is None:
+        m = re.search(r"Key '([^']+)' (?:is )?not in", text)
+        key = m.group(1) if m else None
     typed = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
     if typed and key:
         return f"{key}={typed.group(1)} is invalid: must be {typed.group(2).lower()}"

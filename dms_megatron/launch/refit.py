@@ -27,6 +27,7 @@ from dms_megatron.launch.local import run_local_ranks
 from dms_megatron.megatron.distributed import validate_model_layout
 from dms_megatron.training.entry import run_rank
 from dms_megatron.training.inputs import RunInputs
+from dms_megatron.training.preemption import ABORTED_EXIT_CODE
 from dms_megatron.training.run_config import check_resume, write_run_config
 
 PROG = "dms-refit"
@@ -54,6 +55,14 @@ def check_run(cfg: RefitConfig, run_dir: Path) -> None:
 
 
 def _task(dcfg) -> None:
+    try:
+        _run(dcfg)
+    except KeyboardInterrupt:  # Ctrl-C while the launcher itself works (checks, the embedded data build)
+        print("aborted by Ctrl-C before training started: nothing was written but the run config", file=sys.stderr)
+        sys.exit(ABORTED_EXIT_CODE)
+
+
+def _run(dcfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = RefitConfig.from_dict(OmegaConf.to_container(dcfg, resolve=True))

@@ -107,6 +107,8 @@ def build_gpt_model(model_cfg: ModelConfig, dms_cfg: Optional[DMSConfig] = None,
         vp_stage=vp_stage,
         **rope_kwargs,
     )
+    if config.bf16:  # every parameter in bf16, norms included (what megatron's Float16Module does)
+        model.bfloat16()
     model.dms_config = dms_cfg
     model.model_config = model_cfg
     return model

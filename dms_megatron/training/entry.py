@@ -63,10 +63,10 @@ def run_rank(run_dir: Path, fault: Optional[str] = None) -> int:
     except Preempted as e:  # stop signal: checkpoint saved, not finished; a batch script requeues
         print(str(e), flush=True)
         return PREEMPTED_EXIT_CODE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
         if rank() == 0:
-            print(f"aborted (second Ctrl-C): the last saved checkpoint in {Path(run_dir) / 'checkpoints'} stays",
-                  file=sys.stderr)
+            print(f"aborted by Ctrl-C: the last saved checkpoint in {Path(run_dir) / 'checkpoints'} (if any) stays; "
+                  f"run again with the same run dir to resume", file=sys.stderr)
         return ABORTED_EXIT_CODE
     if report:
         print("report: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
