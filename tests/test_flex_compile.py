@@ -11,6 +11,7 @@ import torch
 
 from dms_megatron.core import attention
 from dms_megatron.core.attention import dense_dms_attention, flex_bucket, flex_dms_attention
+from attention_inputs import random_qkvz
 
 
 def test_flex_bucket_values():
@@ -24,13 +25,7 @@ def test_flex_bucket_values():
 
 
 def _inputs(b, np_, ng, sq, sk, hn=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, np_, sq, hn, generator=gen)
-    k = torch.randn(b, ng, sk, hn, generator=gen)
-    v = torch.randn(b, ng, sk, hn, generator=gen)
-    z = torch.randn(b, ng, sk, generator=gen) * 3
-    z[..., -1] = -float("inf")
-    return q, k, v, z
+    return random_qkvz(b, np_, ng, sq, sk, hn, seed)
 
 
 # 10 distinct (sq, sk, window) through the compiled backend: all in the 128 bucket -> one graph

@@ -14,16 +14,11 @@ from test_core_attention import _loop_attention
 
 from dms_megatron.core.attention import dense_dms_attention
 from dms_megatron.core.two_part import _merge, two_part_dms_attention, two_part_dms_attention_parts
+from attention_inputs import random_qkvz
 
 
 def _inputs(b, np_, ng, sq, sk, hn=8, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, np_, sq, hn, generator=gen)
-    k = torch.randn(b, ng, sk, hn, generator=gen)
-    v = torch.randn(b, ng, sk, hn, generator=gen)
-    z = torch.randn(b, ng, sk, generator=gen) * 3
-    z[..., -1] = -float("inf")
-    return q, k, v, z
+    return random_qkvz(b, np_, ng, sq, sk, hn, seed)
 
 
 def _fwd_bwd(fn, q, k, v, z, go):

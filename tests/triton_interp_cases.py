@@ -27,6 +27,7 @@ from test_core_attention import _loop_attention  # noqa: E402
 
 from dms_megatron.core.attention import dense_dms_attention  # noqa: E402
 from dms_megatron.core.triton_dms import Blocks, triton_dms_attention_blocks  # noqa: E402
+from attention_inputs import random_qkvz  # noqa: E402
 
 SMALL = Blocks(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16)
 
@@ -56,13 +57,7 @@ if _PROBLEM:
 
 
 def _inputs(b, np_, ng, sq, sk, hn=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, np_, sq, hn, generator=gen)
-    k = torch.randn(b, ng, sk, hn, generator=gen)
-    v = torch.randn(b, ng, sk, hn, generator=gen)
-    z = torch.randn(b, ng, sk, generator=gen) * 3
-    z[..., -1] = -float("inf")
-    return q, k, v, z
+    return random_qkvz(b, np_, ng, sq, sk, hn, seed)
 
 
 def _loop_autograd(q, k, v, z, window, hard):

@@ -92,11 +92,12 @@ class RecallTask:
             toks.append(values[j])
         return toks, answers
 
-    def document(self, rng: random.Random, filler: Filler, length: int, spec: Optional[RecallSpec] = None):
-        """An example inside exactly ``length`` tokens of filler (a random share before it, the rest after), or cut
-        to ``length`` (answers past the cut are dropped). Returns (tokens, answer positions)."""
+    def document(self, rng: random.Random, filler: Filler, length: int, spec: Optional[RecallSpec] = None,
+                 at_start: bool = False):
+        """An example inside exactly ``length`` tokens of filler (a random share before it, the rest after; all after
+        when ``at_start``), or cut to ``length`` (answers past the cut are dropped). Returns (tokens, answers)."""
         toks, answers = self.example(rng, filler, spec)
-        front = rng.randint(0, max(0, length - len(toks)))
+        front = 0 if at_start else rng.randint(0, max(0, length - len(toks)))
         toks = filler(front) + toks
         toks += filler(length - len(toks))
         return toks[:length], [a + front for a in answers if a + front < length]

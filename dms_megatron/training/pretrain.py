@@ -4,11 +4,13 @@ the re-fit trainer's megatron optimizer and LR schedule (``training.optim``); se
   python tools/build_tiny_teacher.py --out DIR [--device cpu|cuda] [--steps N]
 
 Curriculum (``phases``): short dense recall first: multi-query recall documents only, in short sequences with the
-filler gaps scaled down (a key-matching attention gets a usable gradient only when the statements are among few
-candidates, and short sequences carry many more answers per step); then longer sequences with wider gaps; then the
-full task in full-length sequences, where ``recall_fraction`` of every batch is recall documents
-(``single_fraction`` of them the single-value variant) and the rest plain text. Every phase has the same tokens per
-step. Answer tokens weigh ``answer_weight`` in the loss (a few tokens in 256 would otherwise be ignored).
+filler gaps scaled down and each example at the start of its sequence (a key-matching attention gets a usable
+gradient only when the statements are among few candidates, and short sequences carry many more answers per step;
+measured: with the example at a random offset instead, the first 500 steps reach 0.34 recall where at the start
+300 steps reach 0.98); then longer sequences with wider gaps; then the full task in full-length sequences, each
+example at a random offset, where ``recall_fraction`` of every batch is recall documents (``single_fraction`` of
+them the single-value variant) and the rest plain text. Every phase has the same tokens per step. Answer tokens
+weigh ``answer_weight`` in the loss (a few tokens in 256 would otherwise be ignored).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class PretrainBatches:
         r, rng = self.r, self.rng
         if scale is not None:
             task = self.tasks["mqar"]
-            return task.document(rng, self.filler, n, scaled_spec(task.spec, scale))
+            return task.document(rng, self.filler, n, scaled_spec(task.spec, scale), at_start=True)
         if rng.random() >= r.recall_fraction:
             return self.filler(n), []
         return self.tasks["single" if rng.random() < r.single_fraction else "mqar"].document(rng, self.filler, n)

@@ -46,12 +46,12 @@ def heldout_sequences(stream: List[int], count: int, length: int, seed: int) -> 
     return [stream[i:i + length] for i in (rng.randrange(len(stream) - length) for _ in range(count))]
 
 
-def _write_heldout(out: Path, tok, recipe: PretrainRecipe) -> dict:
+def _write_heldout(out: Path, tok, recipe: PretrainRecipe, count: int) -> dict:
     stream = text_ids(tok, "heldout", HELDOUT_CHARS)
     heldout_file(out, "text").parent.mkdir()
     evals = {}
     for i, name in enumerate(TASKS):
-        evals[name] = heldout_items(tok, stream, name, EVAL_ITEMS, recipe.seq_length, recipe.seed + 100 + i)
+        evals[name] = heldout_items(tok, stream, name, count, recipe.seq_length, recipe.seed + 100 + i)
         write_items(heldout_file(out, name), evals[name])
     seqs = heldout_sequences(stream, KL_SEQUENCES, recipe.seq_length, recipe.seed + 200)
     heldout_file(out, "text").write_text(json.dumps({"sequences": seqs}))
@@ -66,7 +66,7 @@ def _export(model, tok, recipe: PretrainRecipe, out: Path) -> None:
 
 
 def build_teacher_assets(out: Path, recipe: PretrainRecipe, device: torch.device,
-                         log: Callable[[str], None] = print) -> dict:
+                         log: Callable[[str], None] = print, eval_items: int = EVAL_ITEMS) -> dict:
     """Everything the embedded default ships, into the teacher dir ``out`` and its checksums ``<out>.sha256``
     (replaced only once complete). Returns the build record."""
     out = Path(out)
@@ -77,7 +77,7 @@ def build_teacher_assets(out: Path, recipe: PretrainRecipe, device: torch.device
     try:
         texts = list(stdlib_texts(TEXT_CHARS, split="train"))
         tok = train_tokenizer(texts, recipe.model.vocab_size, tmp)
-        evals = _write_heldout(tmp, tok, recipe)
+        evals = _write_heldout(tmp, tok, recipe, eval_items)
         log(f"tokenizer + held-out items ready ({time.time() - t0:.0f} s); pre-training {recipe.steps} steps on "
             f"{device}")
         init_process_groups(1, 1, seed=recipe.seed)

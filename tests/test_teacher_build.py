@@ -1,0 +1,79 @@
+"""The tiny teacher's pre-training: the curriculum's batches (shapes, answer weights, where examples sit), a build
+that is bit-reproducible from its seed, and the shipped assets' integrity check."""
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from dms_megatron.data.tokenizer import KV
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from dms_megatron.data.corpus import stdlib_texts
+    from dms_megatron.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(list(stdlib_texts(150_000, chunk_chars=1000)), 400, tmp_path_factory.mktemp("tok"))
+
+
+def _answers(weights):
+    return [(r, c) for r, c in zip(*torch.nonzero(weights > 1, as_tuple=True))]
+
+
+def test_curriculum_batches(tok):
+    from dms_megatron.training.pretrain import PretrainBatches, PretrainRecipe, phase_at
+
+    recipe = PretrainRecipe(phases=((2, 32, 8, 0.0), (4, 64, 4, 0.5)), seq_length=128, batch_size=2,
+                            answer_weight=8.0)
+    assert [phase_at(recipe, s) for s in (0, 1, 2, 3, 4, 99)] == [(32, 8, 0.0)] * 2 + [(64, 4, 0.5)] * 2 + \
+        [(128, 2, None)] * 2
+    text = list(range(60, 380))
+    batches = PretrainBatches(tok, text, recipe)
+    kv = tok.convert_tokens_to_ids(KV)
+    first = batches.batch(0)
+    assert first["tokens"].shape == (8, 32) and first["weights"].shape == (8, 32)
+    assert torch.equal(first["labels"][:, :-1], first["tokens"][:, 1:])
+    for row in first["tokens"].tolist():  # short phases: every sequence is a recall example placed at its start
+        assert kv in row[:3]
+    for r, c in _answers(first["weights"]):  # position c predicts an answer: the token after "<|q|> key"
+        assert first["weights"][r, c] == 8.0 and first["tokens"][r, c - 1] == batches.tasks["mqar"].q
+    full = [batches.batch(s) for s in range(4, 40)]
+    assert all(b["tokens"].shape == (2, 128) for b in full)
+    rows = [(b["tokens"][i].tolist(), b["weights"][i]) for b in full for i in range(2)]
+    plain = [r for r, w in rows if not bool((w > 1).any())]
+    placed = {r.index(kv) for r, w in rows if kv in r}
+    assert plain and len(placed) > 5  # the full task mixes in plain text and places examples anywhere
+    again = PretrainBatches(tok, text, recipe)
+    assert all(torch.equal(a["tokens"], again.batch(i)["tokens"]) for i, a in enumerate([first]))  # seeded
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_short_build_is_bit_reproducible_and_verified(tmp_path, monkeypatch, megatron_single):
+    """Two builds from the same recipe write identical weights; the checksum file catches a damaged or missing
+    file with a one-line error naming the tool that rebuilds it."""
+    import dms_megatron.training.teacher_build as tb
+    from dms_megatron.data.embedded import AssetError, verify_teacher
+    from dms_megatron.training.pretrain import PretrainRecipe
+
+    monkeypatch.setattr(tb, "TEXT_CHARS", 200_000)
+    monkeypatch.setattr(tb, "HELDOUT_CHARS", 60_000)
+    recipe = PretrainRecipe(steps=3, phases=((1, 32, 4, 0.0),), batch_size=2)
+    outs = []
+    for name in ("a", "b"):
+        rec = tb.build_teacher_assets(tmp_path / name, recipe, torch.device("cpu"), log=lambda m: None, eval_items=4)
+        outs.append(tmp_path / name)
+        assert rec["final"]["step"] == 3 and "recall_mqar" in rec["final"]
+    assert _digest(outs[0] / "model.safetensors") == _digest(outs[1] / "model.safetensors")
+    assert verify_teacher(outs[0]) == outs[0]
+    (outs[0] / "model.safetensors").write_bytes(b"x" + (outs[0] / "model.safetensors").read_bytes()[1:])
+    with pytest.raises(AssetError, match=r"model.safetensors does not match its checksum.*tools/build_tiny_teacher"):
+        verify_teacher(outs[0])
+    shutil.rmtree(outs[1] / "heldout")
+    with pytest.raises(AssetError, match=r"incomplete: .*heldout/.* is missing; rebuild it with python tools/"):
+        verify_teacher(outs[1])
+    assert not list(tmp_path.glob("*.tmp-*"))
