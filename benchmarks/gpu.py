@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib.metadata import PackageNotFoundError, version
 import statistics
 import sys
 import time
@@ -167,8 +168,6 @@ def kernel_table(args) -> dict:
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:

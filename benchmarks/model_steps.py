@@ -68,7 +68,7 @@ def _batch(s: StepSetup, device):
 def build_step_fns(s: StepSetup, device):
     """(plain_step, refit_step): each runs one timed optimizer step and synchronises."""
     cfg = transformer_config(s.model, precision=s.precision)
-    dms = DMSConfig(window=s.window, backend=s.backend)
+    dms = DMSConfig(window=s.window, alpha_source="qneuron", backend=s.backend)
     plain = build_gpt_model(s.model, None, seq_length=s.seq, config=cfg).to(device)
     teacher = build_gpt_model(s.model, None, seq_length=s.seq, config=cfg).to(device).eval().requires_grad_(False)
     student = build_gpt_model(s.model, dms, seq_length=s.seq, config=cfg).to(device)

@@ -24,7 +24,7 @@ def grads_dir(run_dir) -> Path:
 
 def dump_grads(run_dir):
     """An ``after_backward`` hook: save the student's gradients (megatron DDP's main_grad) at the student's own
-    checkpoint keys, as iteration step + 1 under run_dir/grads."""
+    checkpoint keys, as iteration ``step`` (1-based) under run_dir/grads."""
     from dms_megatron.checkpoint import save_checkpoint
 
     def hook(step, ddp):
@@ -35,7 +35,7 @@ def dump_grads(run_dir):
                 swapped.append((p, p.data))
                 p.data = p.main_grad.detach().view_as(p).clone()
         try:
-            save_checkpoint(grads_dir(run_dir), step + 1, student)
+            save_checkpoint(grads_dir(run_dir), step, student)
         finally:
             for p, data in swapped:
                 p.data = data

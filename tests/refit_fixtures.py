@@ -60,7 +60,7 @@ def refit_dict(assets: dict, **train) -> dict:
     t.update(train)
     return {
         "model": dict(assets["model"]),
-        "dms": dict(window=4, final_cr=2.0, initial_cr=1.0, final_step=4),
+        "dms": dict(window=4, final_cr=2.0, initial_cr=1.0, final_step=4, alpha_source="qneuron"),
         "train": t,
         "data": dict(train_prefix=assets["train"], valid_prefix=assets["valid"], tokenizer=assets["tokenizer"],
                      recall_eval=assets["recall"]),

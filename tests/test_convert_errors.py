@@ -121,7 +121,7 @@ def test_export_of_missing_checkpoint_and_dms_format_of_plain_model(megatron_sin
     assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_failure_mid_export_leaves_nothing_behind(megatron_single, tmp_path, hf_dir, monkeypatch):
+def test_failure_mid_export_leaves_nothing_behind(megatron_single, tmp_path, hf_dir, monkeypatch, capsys):
     import dms_megatron.convert.workflows as cli
 
     assert main(["import", "--hf-model", str(hf_dir), "--megatron-path", str(tmp_path / "meg"),
@@ -133,7 +133,9 @@ def test_failure_mid_export_leaves_nothing_behind(megatron_single, tmp_path, hf_
         raise OSError("disk full")
 
     monkeypatch.setattr(cli, "write_safetensors_streaming", write_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        main(["export", "--megatron-path", str(tmp_path / "meg"), "--hf-path", str(tmp_path / "out"),
-              "--format", "plain"])
+    capsys.readouterr()
+    assert main(["export", "--megatron-path", str(tmp_path / "meg"), "--hf-path", str(tmp_path / "out"),
+                 "--format", "plain"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: writing ") and "disk full" in err[0]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.tmp"))

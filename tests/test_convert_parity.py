@@ -68,7 +68,7 @@ def test_llama3_rope_scaling_is_carried_over(megatron_single, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("source", ["qneuron", "adapter"])
-def test_dms_teacher_mode_logits_equal_transformers(megatron_single, tmp_path, family, source):
+def test_dms_model_in_teacher_runtime_mode_logits_equal_transformers(megatron_single, tmp_path, family, source):
     """A DMS model in teacher mode, initialised from the HF weights, computes the original model."""
     from dms_megatron.convert.hf_model import load_hf_into_model, read_hf_model
     from dms_megatron.megatron.model import build_gpt_model

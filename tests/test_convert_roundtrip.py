@@ -150,7 +150,8 @@ def test_qneuron_dms_export_adds_no_tensors(megatron_single, tmp_path):
     hf = make_hf_model("llama")
     save_hf_model(hf, tmp_path / "hf")
     _import(tmp_path / "hf", tmp_path / "meg")
-    _save_student(tmp_path / "meg", tmp_path / "student", DMSConfig(window=DMS_WINDOW), [STUDENT_ITERATION])
+    _save_student(tmp_path / "meg", tmp_path / "student", DMSConfig(window=DMS_WINDOW, alpha_source="qneuron"),
+                  [STUDENT_ITERATION])
     _export(tmp_path / "student", tmp_path / "dms", "--format", "dms")
     cfg = json.loads((tmp_path / "dms" / "config.json").read_text())
     assert cfg["dms_separate_alpha"] is False and cfg["architectures"] == ["LlamaForCausalLM"]

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from attention_inputs import random_qkvz
+
 from dms_megatron.core.attention import dense_dms_attention, flex_dms_attention
 
 B, NP, HN, W = 2, 4, 8, 3
@@ -39,13 +41,7 @@ def _loop_attention(q, k, v, z, window, hard):
 
 
 def _inputs(ng, sq, sk, seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, NP, sq, HN, generator=gen, dtype=dtype)
-    k = torch.randn(B, ng, sk, HN, generator=gen, dtype=dtype)
-    v = torch.randn(B, ng, sk, HN, generator=gen, dtype=dtype)
-    z = torch.randn(B, ng, sk, generator=gen, dtype=dtype) * 3
-    z[..., -1] = -float("inf")
-    return q, k, v, z
+    return random_qkvz(B, NP, ng, sq, sk, HN, seed, dtype)
 
 
 @pytest.mark.parametrize("ng", [1, 2, 4])

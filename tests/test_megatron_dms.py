@@ -73,7 +73,7 @@ def test_stock_megatron_matches_reference_decoder(megatron_single, family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("source", ["qneuron", "adapter"])
-def test_teacher_mode_equals_stock_model(megatron_single, family, source):
+def test_teacher_runtime_mode_equals_stock_model(megatron_single, family, source):
     cfg = tiny_model_config(**FAMILIES[family])
     stock = _build(cfg, None)
     from dms_megatron.megatron.runtime import DMSRuntime
@@ -103,7 +103,7 @@ def test_qneuron_student_without_eviction_is_the_model_minus_the_borrowed_neuron
 
     cfg = tiny_model_config()
     stock = _build(cfg, None)
-    student = _student_from(stock, cfg, DMSConfig(window=TINY_SEQ))
+    student = _student_from(stock, cfg, DMSConfig(window=TINY_SEQ, alpha_source="qneuron"))
     ids, _ = _tokens()
     ref = ReferenceDecoder(stock.state_dict(), cfg, qneuron=True).run(ids[0])[:, :TINY_VOCAB]
     for mode in ("train", "hard"):
@@ -191,8 +191,8 @@ def test_flex_backend_matches_dense_through_the_model(megatron_single):
 
     cfg = tiny_model_config()
     stock = _build(cfg, None)
-    dense = _student_from(stock, cfg, DMSConfig(window=WINDOW, backend="dense"))
-    flex = _student_from(stock, cfg, DMSConfig(window=WINDOW, backend="flex"))
+    dense = _student_from(stock, cfg, DMSConfig(window=WINDOW, alpha_source="qneuron", backend="dense"))
+    flex = _student_from(stock, cfg, DMSConfig(window=WINDOW, alpha_source="qneuron", backend="flex"))
     for mode in ("train", "hard"):
         with torch.no_grad():  # FlexAttention has no backward on CPU
             a = _forward(dense, DMSRuntime(mode=mode, seed=3, step=5))
@@ -204,7 +204,7 @@ def test_train_mode_noise_depends_on_step_and_is_reproducible(megatron_single):
     from dms_megatron.megatron.runtime import DMSRuntime
 
     cfg = tiny_model_config()
-    student = _build(cfg, DMSConfig(window=WINDOW))
+    student = _build(cfg, DMSConfig(window=WINDOW, alpha_source="qneuron"))
     a = _forward(student, DMSRuntime(mode="train", step=1))
     b = _forward(student, DMSRuntime(mode="train", step=1))
     c = _forward(student, DMSRuntime(mode="train", step=2))

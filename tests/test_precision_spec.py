@@ -85,3 +85,13 @@ def test_te_spec_without_transformer_engine_names_the_fix(megatron_single):
         with pytest.raises(ConfigError, match=r"model.spec=te needs transformer-engine: pip install -e '.\[gpu\]'"):
             build_gpt_model(mc, dms, seq_length=TINY_SEQ)
     assert ModelConfig(spec="te").spec == "te"
+
+
+def test_the_run_chooses_the_spec_the_teacher_is_built_with(assets):
+    """model.spec is how to build the model, not part of the teacher's architecture: it reaches the trainer."""
+    from dms_megatron.config import RefitConfig
+    from dms_megatron.training.inputs import RunInputs
+
+    d = refit_dict(assets)
+    d["model"]["spec"] = "te"
+    assert RunInputs.resolve(RefitConfig.from_dict(d), build=False).model_config.spec == "te"

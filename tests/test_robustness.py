@@ -294,3 +294,11 @@ def test_plots_label_points_and_drop_an_empty_recall_panel(tmp_path):
     with_recall = {m: {c: dict(r, recall_acc=0.5) for c, r in v.items()} for m, v in results.items()}
     (both, _) = pareto_plots(with_recall, tmp_path / "b")
     assert width(kl_only) < 0.7 * width(both)
+
+
+def test_the_default_embedded_run_prepares(tmp_path):
+    """The shipped teacher, its held-out items and the default config pass every pre-flight check."""
+    r = _refit(["--prepare-only", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert cfg["embedded"] is True and cfg["data"]["recall"] == "mqar"

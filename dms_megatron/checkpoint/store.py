@@ -24,6 +24,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from dms_megatron.config import DMSConfig, ModelConfig, from_dict
+from dms_megatron.megatron.distributed import rank
 from dms_megatron.megatron.sharding import merge_swiglu_factories
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -50,10 +51,6 @@ def iter_dir(save_dir, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -74,7 +71,7 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
     save_dir = Path(save_dir)
     final = iter_dir(save_dir, iteration)
     tmp = save_dir / f".tmp_iter_{iteration:07d}"
-    if _rank() == 0:
+    if rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -92,11 +89,11 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
     try:
         dist_checkpointing.save(state, str(tmp))
     except (Exception, DCPException) as e:  # noqa: BLE001 - disk full, file-size limit, ...: one line, no partial
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"writing checkpoint {final} failed: {_reason(e)}") from e
     _barrier()
-    if _rank() == 0:
+    if rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -11,6 +11,10 @@ from dataclasses import fields, is_dataclass
 from typing import Any, Iterable, Optional
 
 
+#: Exit status of every command on bad input (one ``error: ...`` line on stderr, nothing written).
+BAD_INPUT_EXIT_CODE = 2
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the allowed values."""
 
@@ -61,4 +65,4 @@ def _dataclass_type(annotation: Any, owner) -> Any:
     return annotation if isinstance(annotation, type) and is_dataclass(annotation) else None
 
 
-__all__ = ["ConfigError", "fail", "is_int", "check_ints", "check_choice", "from_dict"]
+__all__ = ["BAD_INPUT_EXIT_CODE", "ConfigError", "fail", "is_int", "check_ints", "check_choice", "from_dict"]

@@ -17,9 +17,10 @@ class DMSConfig:
 
     window: w, the delayed-eviction window: a key flagged for eviction stays visible to the w queries after it
         (the last w+1 tokens are always visible), then it is dropped.
-    alpha_source: "qneuron" borrows the last dimension of the first query head of each GQA group (zero new
-        parameters; the neuron is zeroed before and after RoPE); "adapter" adds RMSNorm + Linear(hidden -> kv_heads)
-        on the pre-attention-norm residual stream, zero-initialised.
+    alpha_source: "adapter" adds RMSNorm + Linear(hidden -> kv_heads) on the pre-attention-norm residual stream,
+        zero-initialised (so nothing is evicted until the compression loss asks); "qneuron" borrows the last dimension
+        of the first query head of each GQA group (zero new parameters; the neuron is zeroed before and after RoPE;
+        the paper's choice for large models, ``dms=paper`` / ``dms=qneuron``).
     alpha_per: "head" (a decision per KV head) or "layer" (KV head 0's decision applies to all heads).
     alpha_scale, alpha_offset: decision logit = source * alpha_scale - alpha_offset.
     tau: Gumbel-sigmoid temperature during training.
@@ -30,7 +31,7 @@ class DMSConfig:
     """
 
     window: int = 16
-    alpha_source: str = "qneuron"
+    alpha_source: str = "adapter"
     alpha_per: str = "head"
     alpha_scale: float = 100.0
     alpha_offset: float = 5.0
@@ -38,7 +39,7 @@ class DMSConfig:
     backend: str = "auto"
     initial_cr: float = 1.0
     final_cr: float = 4.0
-    final_step: int = 100
+    final_step: int = 300
 
     def __post_init__(self) -> None:
         s = "dms"

@@ -30,12 +30,12 @@ class TrainConfig:
     """
 
     mode: str = "full"
-    steps: int = 300
+    steps: int = 600
     micro_batch_size: int = 8
     global_batch_size: int = 8
     seq_length: int = 256
-    lr: float = 5e-4
-    min_lr: float = 5e-5
+    lr: float = 2e-4
+    min_lr: float = 2e-5
     warmup_steps: int = 10
     lr_decay_style: str = "cosine"
     weight_decay: float = 0.0

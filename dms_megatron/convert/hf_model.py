@@ -65,8 +65,10 @@ def _local_name(b: BoundRule, cfg: ModelConfig, pp: int, pp_rank: int) -> Option
     return b.megatron if pp_rank == pp - 1 else None
 
 
-def uses_te_names(model) -> bool:
-    return any(k.endswith("linear_qkv.layer_norm_weight") for k in model.state_dict())
+def uses_te_names(model_or_state_dict) -> bool:
+    """Whether megatron parameter names are the Transformer Engine spec's (norms fused into the next linear)."""
+    sd = model_or_state_dict if isinstance(model_or_state_dict, dict) else model_or_state_dict.state_dict()
+    return any(k.endswith("linear_qkv.layer_norm_weight") for k in sd)
 
 
 class _RankTarget:

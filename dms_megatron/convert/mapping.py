@@ -179,19 +179,22 @@ IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 
 def validate_hf_tensors(bound: Sequence[BoundRule], available: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
                         source: str) -> None:
-    """Every expected HF tensor present with its expected shape, and nothing else (one-line ConversionError)."""
+    """Every expected HF tensor present with its expected shape, and nothing else (one-line ConversionError; a DMS
+    adapter tensor too many or too few says so)."""
     expected = {}
     for b in bound:
         for name, shape in zip(b.hf, b.hf_shapes):
             expected[name] = shape
     missing = [n for n in expected if n not in available]
     if missing:
-        raise ConversionError(f"tensor {missing[0]!r} is missing from {source} ({len(missing)} missing): "
-                              f"the checkpoint does not match its config.json")
+        hint = ("the checkpoint has no DMS adapter: load it with its own DMS settings or as a plain model"
+                if "dms_proj_alpha" in missing[0] else "the checkpoint does not match its config.json")
+        raise ConversionError(f"tensor {missing[0]!r} is missing from {source} ({len(missing)} missing): {hint}")
     extra = [n for n in available if n not in expected and not n.endswith(IGNORED_HF_SUFFIXES)]
     if extra:
-        raise ConversionError(f"unexpected tensor {extra[0]!r} in {source} ({len(extra)} unexpected): "
-                              f"unsupported architecture variant or wrong config.json")
+        hint = ("a DMS adapter checkpoint: pass its DMS config" if "dms_proj_alpha" in extra[0] else
+                "unsupported architecture variant or wrong config.json")
+        raise ConversionError(f"unexpected tensor {extra[0]!r} in {source} ({len(extra)} unexpected): {hint}")
     for name, shape in expected.items():
         if tuple(available[name][0]) != shape:
             raise ConversionError(f"tensor {name!r} in {source} has shape {list(available[name][0])}, "

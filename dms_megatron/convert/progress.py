@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Callable, Optional
 
+from dms_megatron.progress import fmt_duration, rate_and_left
+
 GB = 1e9
 
 
@@ -27,10 +29,9 @@ class ByteProgress:
         if self.quiet or (now - self.last < self.every_s and not (self.done >= self.total and spoke)):
             return
         self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        left = (self.total - self.done) / max(rate, 1e-9)
+        rate, left = rate_and_left(self.done, self.total, now - self.t0)
         self.log(f"{self.what}: {100 * self.done / self.total:.0f}% ({self.done / GB:.2f} / {self.total / GB:.2f} GB), "
-                 f"{rate / 1e6:.0f} MB/s, {int(left) // 60}:{int(left) % 60:02d} left")
+                 f"{rate / 1e6:.0f} MB/s, {fmt_duration(left)} left")
 
 
 __all__ = ["ByteProgress"]

@@ -31,14 +31,10 @@ from dms_megatron.convert.hf_model import DEFAULT_DIVISIBLE_BY, load_hf_into_mod
 from dms_megatron.convert.mapping import (DMS_AUTO_MAP, ExportProducer, bind_rules, dms_to_hf, export_plan,
                                           pp_layer_range)
 from dms_megatron.convert.progress import ByteProgress
-from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
+from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups, rank
 from dms_megatron.megatron.model import build_gpt_model, transformer_config
 
 ASSETS = "hf_assets"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _process_groups(tp: int, pp: int) -> bool:
@@ -90,23 +86,23 @@ def import_checkpoint(hf_dir, megatron_path, *, tp: int = 1, pp: int = 1, dtype:
                                   pipeline_dtype=dt, bf16=dt == torch.bfloat16, fp16=dt == torch.float16)
         model = build_gpt_model(mc, dms, seq_length=mc.max_position_embeddings, config=tcfg)
         load_hf_into_model(model, reader, fam, mc, dms)
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         extra = {"model_config": asdict(mc), "dms_config": None if dms is None else asdict(dms),
                  "hf_config": hf, "converted_from": str(Path(hf_dir).resolve())}
         save_checkpoint(tmp, 0, model, extra=extra)
-        if _rank() == 0:
+        if rank() == 0:
             assets = tmp / ASSETS
             assets.mkdir()
             for p in iter_side_files(hf_dir):
                 shutil.copy2(p, assets / p.name)
             finalize_output(tmp, out)
     except (OSError, CheckpointError) as e:  # disk full, file-size limit: one line, nothing left behind
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise ConversionError(f"writing {out} failed: {e}") from e
     except BaseException:
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

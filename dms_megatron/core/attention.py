@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from dms_megatron.core.masks import causal_bias, dms_hard_bias, dms_soft_bias
+from dms_megatron.core.masks import causal_bias, dms_hard_bias, dms_soft_bias, far_key_bias
 from dms_megatron.core.triton_dms import triton_dms_attention
 from dms_megatron.core.two_part import two_part_dms_attention
 
@@ -112,11 +112,7 @@ def flex_bucket(n: int) -> int:
 
 def _flex_key_bias(key_logits: torch.Tensor, hard: bool, dtype, sk_pad: int) -> torch.Tensor:
     """Per-key far bias [b, ng, sk_pad] (zeros on padded keys): soft logsigmoid(-z), hard 0 / -inf where z > 0."""
-    if hard:
-        kbias = torch.zeros(key_logits.shape, dtype=dtype, device=key_logits.device)
-        kbias = kbias.masked_fill(key_logits > 0, float("-inf"))
-    else:
-        kbias = F.logsigmoid(-key_logits.to(dtype))
+    kbias = far_key_bias(key_logits, hard, dtype)
     pad = sk_pad - key_logits.shape[-1]
     return F.pad(kbias, (0, pad)) if pad else kbias
 

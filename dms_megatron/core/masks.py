@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dms_megatron.core.gating import hard_decisions
+
 
 def decisions_to_key_logits(logits: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
     """Align per-position decisions with the keys they decide about.
@@ -25,6 +27,16 @@ def decisions_to_key_logits(logits: torch.Tensor, fill: float = float("-inf")) -
     """
     pad = torch.full_like(logits[..., :1], fill)
     return torch.cat([logits[..., 1:], pad], dim=-1)
+
+
+def far_key_bias(key_logits: torch.Tensor, hard: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive bias of each key for queries beyond its window, [..., T] -> [..., T]: soft (training)
+    logsigmoid(-z_k) = log(1 - alpha_k) (differentiable in z); hard (inference) -inf where the key is evicted
+    (z_k > 0), else 0. Every DMS kernel applies exactly this."""
+    if hard:
+        return torch.zeros(key_logits.shape, dtype=dtype, device=key_logits.device).masked_fill(
+            hard_decisions(key_logits), float("-inf"))
+    return F.logsigmoid(-key_logits.to(dtype))
 
 
 def _distance(q_len: int, k_len: int, device) -> torch.Tensor:
@@ -61,7 +73,7 @@ def dms_soft_bias(key_logits: torch.Tensor, window: int, q_len: Optional[int] = 
     t = key_logits.shape[-1]
     q_len = t if q_len is None else q_len
     d = _distance(q_len, t, key_logits.device)
-    log_keep = F.logsigmoid(-key_logits)[..., None, :]
+    log_keep = far_key_bias(key_logits, hard=False, dtype=key_logits.dtype)[..., None, :]
     bias = torch.where(d > window, log_keep, torch.zeros((), dtype=key_logits.dtype, device=key_logits.device))
     return bias.masked_fill(d < 0, float("-inf"))
 
@@ -79,4 +91,5 @@ def causal_bias(q_len: int, k_len: int, dtype=torch.float32, device=None) -> tor
     return torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(d < 0, float("-inf"))
 
 
-__all__ = ["decisions_to_key_logits", "eviction_visibility", "dms_soft_bias", "dms_hard_bias", "causal_bias"]
+__all__ = ["decisions_to_key_logits", "eviction_visibility", "far_key_bias", "dms_soft_bias", "dms_hard_bias",
+           "causal_bias"]

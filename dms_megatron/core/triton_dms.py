@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from dms_megatron.core.masks import far_key_bias
 
 NO_WINDOW = 2 ** 30  # "window" passed to the kernels when no bias applies (keeps int32 segment arithmetic safe)
 
@@ -187,11 +188,8 @@ def triton_dms_attention_blocks(query: torch.Tensor, key: torch.Tensor, value: t
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])
     if key_logits is None:
         kbias, window = None, NO_WINDOW
-    elif hard:
-        kbias = torch.zeros(key_logits.shape, dtype=torch.float32, device=query.device)
-        kbias = kbias.masked_fill(key_logits > 0, float("-inf"))                     # [b, ng, sk], no grad
     else:
-        kbias = F.logsigmoid(-key_logits.float())                                    # [b, ng, sk], log(1 - alpha)
+        kbias = far_key_bias(key_logits, hard)                                       # [b, ng, sk] fp32
     return _TritonDMS.apply(query, key, value, kbias, min(int(window), NO_WINDOW), float(scale), blocks)
 
 

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dms_megatron.core.masks import far_key_bias
+
 EXTRA = 8            # extra head dims carrying the far bias in the flash far part (keeps hn + EXTRA % 8 == 0)
 QX = 4.0             # the constant query value of the two used extra dims (keeps fp16 extra keys in range)
 BIAS_FLOOR = -1e4    # flash far part: bias clamped here (exp(-1e4) == 0 in fp32; hard -inf becomes finite)
@@ -237,10 +239,8 @@ def two_part_dms_attention_parts(query, key, value, key_logits, window, softmax_
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(hn)
     if key_logits is None:
         kbias, window = None, sk                                                       # no far part
-    elif hard:
-        kbias = torch.zeros(key_logits.shape, device=query.device).masked_fill(key_logits > 0, float("-inf"))
     else:
-        kbias = F.logsigmoid(-key_logits.float())                                      # [b, ng, sk]
+        kbias = far_key_bias(key_logits, hard)                                         # [b, ng, sk] fp32
     return _TwoPart.apply(query, key, value, kbias, min(int(window), sk), float(scale), impl)
 
 

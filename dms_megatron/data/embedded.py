@@ -91,7 +91,6 @@ class RefitData:
     train_prefix: str
     valid_prefix: str
     recall_eval: Path
-    heldout_text: Path
 
 
 def heldout_file(teacher_dir: Path, name: str) -> Path:
@@ -149,8 +148,7 @@ def ensure_refit_data(recall: str = "mqar", seq_length: int = 256, cache_dir: Op
     """The embedded default's re-fit inputs, building the indexed datasets once (a few seconds) into the cache."""
     teacher = verify_teacher()
     root = cache_root(cache_dir) / f"{DATA_VERSION}-{recall}-{seq_length}-{sha256(checksums_of(teacher))[:12]}"
-    data = RefitData(teacher, teacher, str(root / "train"), str(root / "valid"), heldout_file(teacher, recall),
-                     heldout_file(teacher, "text"))
+    data = RefitData(teacher, teacher, str(root / "train"), str(root / "valid"), heldout_file(teacher, recall))
     if (root / "done").is_file():
         return data
     with file_lock(root.with_name(root.name + ".lock"), "the re-fit data build", log):

@@ -111,10 +111,6 @@ class RecallTask:
         front = length - len(toks)
         return {"ids": filler(front) + toks, "answers": [a + front for a in answers]}
 
-    def is_answer_position(self, prev2: int, prev1: int) -> bool:
-        """Whether the token after ``prev2 prev1`` is an answer (``<|q|> key``)."""
-        return prev2 == self.q and prev1 in self.keys
-
 
 def filler_from(tokens: Sequence[int]) -> Callable[[random.Random], Filler]:
     """``filler_from(text_ids)(rng)`` -> a Filler drawing random contiguous spans of ``text_ids``."""

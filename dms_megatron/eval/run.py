@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from dms_megatron.checkpoint import TRACKER
 from dms_megatron.config import ConfigError, RefitConfig
 from dms_megatron.data.embedded import TEACHER_DIR, cache_root, heldout_file, read_heldout_text, verify_teacher
 from dms_megatron.data.recall import read_items
@@ -35,8 +36,18 @@ from dms_megatron.inference.engine import Engine
 from dms_megatron.inference.loading import checkpoints_dir, load_model
 from dms_megatron.inference.press import make_press
 from dms_megatron.megatron.distributed import destroy_process_groups
+from dms_megatron.progress import fmt_duration, rate_and_left
 from dms_megatron.training.entry import run_rank
+from dms_megatron.training.preemption import ABORTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from dms_megatron.training.run_config import write_run_config
+
+
+class StudentRefitError(RuntimeError):
+    """A student's re-fit did not finish; ``code`` is its exit status (4: stopped by a signal, resumable)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -85,7 +96,7 @@ def ensure_student(cfg: EvalConfig, cr: float, assets: EvalAssets, run_dir: Path
     key = cr_key(cr)
     if key in cfg.students:
         path = checkpoints_dir(cfg.students[key])
-        if not (path / "latest_checkpointed_iteration.txt").is_file():
+        if not (path / TRACKER).is_file():
             raise ConfigError(f"student {cfg.students[key]} holds no checkpoint: pass a dms-refit run dir")
         return path
     d = cfg.refit.to_dict()
@@ -99,18 +110,19 @@ def ensure_student(cfg: EvalConfig, cr: float, assets: EvalAssets, run_dir: Path
     if (root / "report.json").is_file():
         log(f"student CR {key}: reusing {root}")
         return root / "checkpoints"
-    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_run_config(tmp, rc)
+    partial = root.with_name(root.name + ".partial")  # a stopped re-fit resumes here on the next dms-eval
+    write_run_config(partial, rc)
     log(f"student CR {key}: re-fitting into {root}")
     try:
-        code = run_rank(tmp)
+        code = run_rank(partial)
     finally:
         destroy_process_groups()
     if code:
-        raise RuntimeError(f"re-fitting the CR {key} student failed (exit {code}); its run dir {tmp} is kept")
+        what = "stopped" if code in (PREEMPTED_EXIT_CODE, ABORTED_EXIT_CODE) else "failed"
+        raise StudentRefitError(f"re-fitting the CR {key} student {what} (exit {code}); {partial} is kept: run "
+                                f"dms-eval again to resume it", code)
     shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
+    os.replace(partial, root)
     return root / "checkpoints"
 
 
@@ -138,8 +150,8 @@ class Progress:
     def step(self, what: str) -> None:
         self.done += 1
         el = time.time() - self.t0
-        left = el / self.done * (self.total - self.done)
-        self.log(f"[{self.done}/{self.total}] {what} ({el:.0f} s elapsed, ~{left:.0f} s left)")
+        _, left = rate_and_left(self.done, self.total, el)
+        self.log(f"[{self.done}/{self.total}] {what} ({fmt_duration(el)} elapsed, ~{fmt_duration(left)} left)")
 
 
 def _row(engine: Engine, items: List[dict], seqs: torch.Tensor, t_logits: torch.Tensor,
@@ -195,4 +207,4 @@ def run_eval(cfg: EvalConfig, run_dir: Path, log=print) -> dict:
     return results
 
 
-__all__ = ["run_eval", "ensure_student", "resolve_assets", "heldout_sequences", "EvalAssets"]
+__all__ = ["run_eval", "ensure_student", "resolve_assets", "heldout_sequences", "EvalAssets", "StudentRefitError"]

@@ -8,18 +8,15 @@ from typing import Dict, Optional
 
 import torch
 
-from dms_megatron.checkpoint import CheckpointError, load_model_weights, read_checkpoint_configs
+from dms_megatron.checkpoint import TRACKER, CheckpointError, load_model_weights, read_checkpoint_configs
 from dms_megatron.config import DMSConfig, ModelConfig
 from dms_megatron.convert.families import family_by_name, uses_adapter
 from dms_megatron.convert.hf_io import ConversionError
-from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model
+from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model, uses_te_names
 from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ExportProducer, bind_rules
 from dms_megatron.inference.model import DecoderModel, ModelLoadError
 from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
 from dms_megatron.megatron.model import build_gpt_model, transformer_config
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-
 
 def load_hf(directory, *, require_dms: bool = False, dtype: torch.dtype = torch.float32) -> DecoderModel:
     """A model from ``config.json`` + safetensors. The DMS settings come from the official dms_* keys
@@ -40,8 +37,7 @@ def load_hf(directory, *, require_dms: bool = False, dtype: torch.dtype = torch.
 def megatron_to_hf_state_dict(sd: Dict[str, torch.Tensor], mc: ModelConfig,
                               dms: Optional[DMSConfig]) -> Dict[str, torch.Tensor]:
     """A full (tp=1, pp=1) megatron GPTModel state dict -> HF names (vocab padding removed)."""
-    te = any(k.endswith("linear_qkv.layer_norm_weight") for k in sd)
-    bound = bind_rules(family_by_name(mc.family).rules, mc, adapter=uses_adapter(dms), te=te)
+    bound = bind_rules(family_by_name(mc.family).rules, mc, adapter=uses_adapter(dms), te=uses_te_names(sd))
     missing = [b.megatron for b in bound if b.megatron not in sd]
     if missing:
         hint = " (not a DMS adapter checkpoint)" if "dms_alpha" in missing[0] else ""
@@ -59,7 +55,7 @@ def from_megatron(sd: Dict[str, torch.Tensor], mc: ModelConfig, dms: Optional[DM
 def checkpoints_dir(path) -> Path:
     """A dms-refit run dir or a megatron checkpoint dir -> the dir holding ``latest_checkpointed_iteration.txt``."""
     path = Path(path)
-    if (path / "checkpoints" / TRACKER_FILE).is_file():
+    if (path / "checkpoints" / TRACKER).is_file():
         return path / "checkpoints"
     return path
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from dms_megatron.config import DMSConfig, ModelConfig
-from dms_megatron.convert.families import hf_tensor_shapes
+from dms_megatron.convert.families import family_by_name, uses_adapter
 from dms_megatron.convert.hf_io import ConversionError
-from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES
+from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES, bind_rules, validate_hf_tensors
 from dms_megatron.core.gating import (apply_alpha_per, projection_decision_logits, qneuron_decision_logits,
                                       zero_borrowed_neuron)
 from dms_megatron.core.norms import rms_norm
@@ -40,20 +40,12 @@ class ModelLoadError(ValueError):
 
 def check_state_dict(cfg: ModelConfig, dms: Optional[DMSConfig], sd: Dict[str, torch.Tensor], source: str) -> None:
     """Every tensor the family's rules expect for ``cfg`` (and ``dms``'s adapter), with its shape, and no other:
-    one-line ModelLoadError naming the first offender and the fix."""
-    want = hf_tensor_shapes(cfg, dms)
-    missing = [n for n in want if n not in sd]
-    if missing:
-        hint = ("the checkpoint has no DMS adapter: load it with its own DMS settings or as a plain model"
-                if "dms_proj_alpha" in missing[0] else "the checkpoint does not match its configuration")
-        raise ModelLoadError(f"tensor {missing[0]!r} is missing from {source} ({len(missing)} missing): {hint}")
-    extra = [n for n in sd if n not in want]
-    if extra:
-        hint = " (a DMS adapter checkpoint: pass its DMS config)" if "dms_proj_alpha" in extra[0] else ""
-        raise ModelLoadError(f"unexpected tensor {extra[0]!r} in {source} ({len(extra)} unexpected){hint}")
-    for n, shape in want.items():
-        if tuple(sd[n].shape) != shape:
-            raise ModelLoadError(f"tensor {n!r} in {source} has shape {list(sd[n].shape)}, expected {list(shape)}")
+    one-line ModelLoadError naming the first offender and the fix (``convert.mapping.validate_hf_tensors``)."""
+    try:
+        bound = bind_rules(family_by_name(cfg.family).rules, cfg, adapter=uses_adapter(dms))
+        validate_hf_tensors(bound, {n: (tuple(t.shape), t.dtype) for n, t in sd.items()}, source)
+    except ConversionError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 class DecoderModel(torch.nn.Module):
@@ -66,10 +58,7 @@ class DecoderModel(torch.nn.Module):
         sd = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_HF_SUFFIXES)}
         if cfg.tie_embeddings and "lm_head.weight" in sd:
             sd.pop("lm_head.weight")
-        try:
-            check_state_dict(cfg, dms, sd, source)
-        except ConversionError as e:  # an unknown family
-            raise ModelLoadError(str(e)) from None
+        check_state_dict(cfg, dms, sd, source)
         self.w = {n: sd[n].detach().to(dtype).clone() for n in sd}
         self.inv_freq = rope_inv_freq(cfg.kv_channels, cfg.rotary_base,
                                       cfg.rope_scaling_factor if cfg.rope_scaling == "llama3" else None)

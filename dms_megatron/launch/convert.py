@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dms_megatron.config import BAD_INPUT_EXIT_CODE
 from dms_megatron.convert.families import DTYPES
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import DEFAULT_DIVISIBLE_BY
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         out = _run(args, argv)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     if isinstance(out, int):  # the torchrun relaunch's exit status
         return out
     if os.environ.get("RANK", "0") == "0":

@@ -23,7 +23,6 @@ from dms_megatron.launch.hydra_cli import fail, preflight, register_schema
 from dms_megatron.megatron.distributed import validate_model_layout
 
 GIB = 1024 ** 3
-PROG = "dms-dryrun"
 
 
 @dataclass
@@ -171,14 +170,14 @@ def main(argv=None) -> int:
         try:
             gib = float(args[i + 1])
         except (IndexError, ValueError):
-            fail("--gpu-memory-gib needs a number (GiB per GPU)", PROG)
+            fail("--gpu-memory-gib needs a number (GiB per GPU)")
         del args[i:i + 2]
     register_schema("refit_schema", RefitConfig)
-    cfg = preflight("refit", args, RefitConfig, RefitConfig.from_dict, PROG)
+    cfg = preflight("refit", args, RefitConfig, RefitConfig.from_dict)
     try:
         text, fits = describe(cfg, gib)
     except (ConfigError, ValueError) as e:
-        fail(str(e), PROG)
+        fail(str(e))
     print(text)
     return 0 if fits else 1
 

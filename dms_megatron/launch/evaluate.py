@@ -11,7 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -20,9 +19,9 @@ from dms_megatron.checkpoint import CheckpointError
 from dms_megatron.config import ConfigError
 from dms_megatron.data.embedded import AssetError
 from dms_megatron.eval.config import EvalConfig
-from dms_megatron.eval.run import run_eval
+from dms_megatron.eval.run import StudentRefitError, run_eval
 from dms_megatron.inference.model import ModelLoadError
-from dms_megatron.launch.hydra_cli import CONFIG_DIR, fail, preflight, register_schema
+from dms_megatron.launch.hydra_cli import fail, run_hydra
 
 PROG = "dms-eval"
 
@@ -34,15 +33,15 @@ def _task(dcfg) -> None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run_eval(cfg, run_dir, log=lambda m: print(f"[{PROG}] {m}", flush=True))
     except (ConfigError, ModelLoadError, CheckpointError, AssetError, FileNotFoundError) as e:
-        fail(str(e), PROG)
+        fail(str(e))
+    except StudentRefitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.code)
 
 
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
-    register_schema("eval_schema", EvalConfig)
-    if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in sys.argv[1:]):
-        preflight("eval", sys.argv[1:], EvalConfig, EvalConfig.from_dict, PROG)
-    hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")(_task)()
+    run_hydra("eval", EvalConfig, EvalConfig.from_dict, _task)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from typing import List, Optional
 
 import torch
 
-from dms_megatron.config import ConfigError
+from dms_megatron.config import BAD_INPUT_EXIT_CODE, ConfigError
 from transformers import AutoTokenizer
 
+from dms_megatron.convert.workflows import ASSETS
 from dms_megatron.inference.engine import Engine
 from dms_megatron.inference.loading import checkpoints_dir, load_hf, load_megatron
 from dms_megatron.inference.model import ModelLoadError
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _tokenizer(args):
     """A local transformers tokenizer next to the weights, or None."""
-    d = Path(args.hf) if args.hf else checkpoints_dir(args.megatron) / "hf_assets"
+    d = Path(args.hf) if args.hf else checkpoints_dir(args.megatron) / ASSETS
     if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
         return None
     return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
@@ -65,7 +66,7 @@ def _prompts(args, tok) -> List[List[int]]:
             raise ValueError(f"--prompt-ids {s!r} must be integers separated by spaces or commas") from None
     if args.prompt:
         if tok is None:
-            src = args.hf or checkpoints_dir(args.megatron) / "hf_assets"
+            src = args.hf or checkpoints_dir(args.megatron) / ASSETS
             raise ValueError(f"--prompt needs a tokenizer but {src} has none; pass --prompt-ids instead")
         out += [tok(s, add_special_tokens=False)["input_ids"] for s in args.prompt]
     if not out:
@@ -106,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = run(args)
     except (ValueError, ConfigError, ModelLoadError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     if args.json:
         print(json.dumps(res))
         return 0

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, List, Sequence
 
+import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -22,16 +23,15 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dms_megatron.config import ConfigError
+from dms_megatron.config import BAD_INPUT_EXIT_CODE, ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-BAD_INPUT = 2
 
 
-def fail(msg: str, prog: str) -> None:
+def fail(msg: str) -> None:
     """One ``error: ...`` line on stderr (the form every bad-input exit of the package prints) and exit 2."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(BAD_INPUT)
+    sys.exit(BAD_INPUT_EXIT_CODE)
 
 
 def register_schema(name: str, cls) -> None:
@@ -90,7 +90,7 @@ def explain(e: Exception, keys: Iterable[str]) -> str:
     return f"{first}" + (f" ({key})" if key and key not in first else "")
 
 
-def preflight(config_name: str, argv: Sequence[str], schema, build: Callable[[dict], object], prog: str) -> object:
+def preflight(config_name: str, argv: Sequence[str], schema, build: Callable[[dict], object]) -> object:
     """Compose ``config_name`` with the command line's overrides (first sweep point) and build the validated config
     with ``build``; any error is one ``error:`` line and exit 2. Returns the built config."""
     GlobalHydra.instance().clear()
@@ -99,12 +99,24 @@ def preflight(config_name: str, argv: Sequence[str], schema, build: Callable[[di
             cfg = compose(config_name=config_name, overrides=job_overrides(argv))
         return build(OmegaConf.to_container(cfg, resolve=True))
     except ConfigError as e:
-        fail(str(e), prog)
+        fail(str(e))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        fail(explain(e, schema_keys(schema)), prog)
+        fail(explain(e, schema_keys(schema)))
     finally:
         GlobalHydra.instance().clear()
 
 
+HELP_FLAGS = ("--help", "-h", "--hydra-help", "--info")
+
+
+def run_hydra(config_name: str, schema, build: Callable[[dict], object], task: Callable) -> None:
+    """The launchers' main: the schema into Hydra's ConfigStore as ``<config_name>_schema``, the pre-flight (unless
+    asking for help or the config), then Hydra with ``task`` (a run dir, sweeps, launcher plugins)."""
+    register_schema(f"{config_name}_schema", schema)
+    if not any(a in HELP_FLAGS or a.startswith("--cfg") for a in sys.argv[1:]):
+        preflight(config_name, sys.argv[1:], schema, build)
+    hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)()
+
+
 __all__ = ["CONFIG_DIR", "register_schema", "job_overrides", "preflight", "explain", "schema_keys", "fail",
-           "BAD_INPUT"]
+           "run_hydra"]

@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from dms_megatron.megatron.distributed import single_process_env
+from dms_megatron.megatron.distributed import free_port, single_process_env
+from dms_megatron.training.preemption import ABORTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 GRACE_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, world: int, port: int, base: Optional[dict] = None) -> dict:
@@ -50,10 +44,10 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
             p.wait()
 
 
-def run_local_ranks(run_dir: Path, world: int, extra_args: Sequence[str] = ()) -> int:
+def run_local_ranks(run_dir: Path, world: int) -> int:
     """Run ``world`` worker ranks on this machine until all finish; returns the job's exit status."""
     port = free_port()
-    cmd = [sys.executable, "-m", "dms_megatron.launch.worker", "--run-dir", str(run_dir), *extra_args]
+    cmd = [sys.executable, "-m", "dms_megatron.launch.worker", "--run-dir", str(run_dir)]
     procs: List[subprocess.Popen] = [subprocess.Popen(cmd, env=rank_env(r, world, port)) for r in range(world)]
     previous = signal.signal(signal.SIGINT, lambda *a: None)  # the ranks handle Ctrl-C; the launcher waits
     try:
@@ -62,7 +56,7 @@ def run_local_ranks(run_dir: Path, world: int, extra_args: Sequence[str] = ()) -
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
                 # a preempted or aborted job: every rank stops by itself; a real failure: stop the others
-                if any(c not in (4, 130) for c in failed):
+                if any(c not in (PREEMPTED_EXIT_CODE, ABORTED_EXIT_CODE) for c in failed):
                     _stop(procs)
                 else:
                     for p in procs:
@@ -77,4 +71,4 @@ def run_local_ranks(run_dir: Path, world: int, extra_args: Sequence[str] = ()) -
             _stop(procs)
 
 
-__all__ = ["run_local_ranks", "rank_env", "free_port"]
+__all__ = ["run_local_ranks", "rank_env"]

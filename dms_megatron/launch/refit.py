@@ -17,12 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from dms_megatron.config import ConfigError, RefitConfig
-from dms_megatron.launch.hydra_cli import CONFIG_DIR, fail, preflight, register_schema
+from dms_megatron.launch.hydra_cli import fail, run_hydra
 from dms_megatron.launch.local import run_local_ranks
 from dms_megatron.megatron.distributed import validate_model_layout
 from dms_megatron.training.entry import run_rank
@@ -30,7 +29,6 @@ from dms_megatron.training.inputs import RunInputs
 from dms_megatron.training.preemption import ABORTED_EXIT_CODE
 from dms_megatron.training.run_config import check_resume, write_run_config
 
-PROG = "dms-refit"
 PREPARE_ONLY_FLAG = "--prepare-only"
 _prepare_only = False
 
@@ -70,20 +68,24 @@ def _run(dcfg) -> None:
         for key, old, new in write_run_config(run_dir, cfg):
             print(f"resume: {key} {old!r} -> {new!r} (allowed by resume.allow_changes)", flush=True)
     except ConfigError as e:
-        fail(str(e), PROG)
+        fail(str(e))
     if _prepare_only:
         print(f"config: {run_dir / 'config.yaml'}", flush=True)
         return
     p = cfg.parallel
-    if p.nnodes > 1 and "RANK" not in os.environ:
+    if "RANK" in os.environ and p.world_size > 1:
+        fail(f"dms-refit runs in one process per job, not per rank (RANK is set, parallel asks for {p.world_size} "
+             f"ranks): start the ranks with `launch/torchrun.sh {run_dir}` or `python -m dms_megatron.launch.worker "
+             f"--run-dir {run_dir}` per rank")
+    if p.nnodes > 1:
         fail(f"parallel.nnodes={p.nnodes}: dms-refit starts ranks on this machine only; start `launch/torchrun.sh "
-             f"{run_dir}` on every node (its config.yaml is written), or check the layout with dms-dryrun", PROG)
+             f"{run_dir}` on every node (its config.yaml is written), or check the layout with dms-dryrun")
     world = p.ranks_per_node
-    if world > 1 and "RANK" not in os.environ:
+    if world > 1:
         try:
             RunInputs.resolve(cfg, build=True)  # builds the embedded data once here, not in every rank
         except ConfigError as e:
-            fail(str(e), PROG)
+            fail(str(e))
         rc = run_local_ranks(run_dir, world)
     else:
         rc = run_rank(run_dir)
@@ -97,10 +99,7 @@ def main() -> None:
         sys.argv.remove(PREPARE_ONLY_FLAG)
         _prepare_only = True
     os.environ.setdefault("WANDB_MODE", "offline")
-    register_schema("refit_schema", RefitConfig)
-    if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in sys.argv[1:]):
-        preflight("refit", sys.argv[1:], RefitConfig, lambda d: check_layout(RefitConfig.from_dict(d)), PROG)
-    hydra.main(config_path=str(CONFIG_DIR), config_name="refit", version_base="1.3")(_task)()
+    run_hydra("refit", RefitConfig, lambda d: check_layout(RefitConfig.from_dict(d)), _task)
 
 
 if __name__ == "__main__":

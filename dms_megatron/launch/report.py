@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from dms_megatron.checkpoint import CheckpointError
-from dms_megatron.config import ConfigError
-from dms_megatron.training.report import report_from_checkpoint
+from dms_megatron.config import BAD_INPUT_EXIT_CODE, ConfigError
+from dms_megatron.training.report import format_report, report_from_checkpoint
 
 
 def main(argv=None) -> int:
@@ -22,9 +22,8 @@ def main(argv=None) -> int:
         report = report_from_checkpoint(args.run_dir)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("report: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in report.items() if not isinstance(v, dict)), flush=True)
+        return BAD_INPUT_EXIT_CODE
+    print(format_report(report), flush=True)
     return 0
 
 

@@ -25,6 +25,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from dms_megatron.config import BAD_INPUT_EXIT_CODE
+
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
@@ -136,12 +138,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     rows = collect(args.sweep_dir)
     if not rows:
         print(f"error: {args.sweep_dir} holds no run dirs (sub-directories with config.yaml, .hydra/ or "
               f"status.json)", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     write_summary(args.sweep_dir, args.out, rows)
     print_table(rows, str(args.sweep_dir))
     out = args.out or args.sweep_dir

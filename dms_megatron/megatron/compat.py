@@ -180,9 +180,6 @@ class _CudaToCPUMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_MODE = None
-
-
 def cuda_to_cpu_mode() -> contextlib.AbstractContextManager:
     """Context in which ``device="cuda"`` means CPU (only needed around megatron schedule/optimizer calls)."""
     if torch.cuda.is_available():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from datetime import timedelta
@@ -16,10 +15,16 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from dms_megatron.megatron.compat import apply_cpu_compat
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost nothing listens on now (a rendezvous port for local ranks)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rank() -> int:
+    """This process's global rank: torch.distributed's once initialised, else the launcher's RANK (0 alone)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
@@ -35,19 +40,6 @@ def is_torchrun_var(name: str) -> bool:
 def single_process_env(env=None) -> dict:
     """A copy of ``env`` (default os.environ) for a process that must run alone, outside any torchrun job."""
     return {k: v for k, v in (os.environ if env is None else env).items() if not is_torchrun_var(k)}
-
-
-@contextlib.contextmanager
-def outside_torchrun():
-    """Hide torchrun's variables in this process (restored after), so single-process work (e.g. building the embedded
-    teacher) does not join the job's world. No-op once torch.distributed is initialised."""
-    saved = {} if dist.is_initialized() else {k: v for k, v in os.environ.items() if is_torchrun_var(k)}
-    for k in saved:
-        del os.environ[k]
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def validate_layout(world_size: int, tp: int, pp: int) -> int:
@@ -96,7 +88,7 @@ def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int 
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
             rank, world = 0, 1
         else:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -124,4 +116,4 @@ def destroy_process_groups() -> None:
 
 
 __all__ = ["init_process_groups", "destroy_process_groups", "validate_layout", "validate_model_layout",
-           "outside_torchrun", "single_process_env"]
+           "single_process_env", "free_port", "rank"]

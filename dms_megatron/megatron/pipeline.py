@@ -7,7 +7,7 @@ both on the same micro batch; between stages they travel as ONE activation tenso
 
 (``s`` is the local sequence length: seq_length / tp with sequence parallel), so the schedule must be told
 ``micro_batch_size = 2 * b + 1`` (``pipeline_micro_batch_size``). The carry column holds the per-sample running sum of
-evicted fractions of the stages so far (``training.parallel_loss``); the teacher half is detached on arrival, so no
+evicted fractions of the stages so far (``megatron.parallel_loss``); the teacher half is detached on arrival, so no
 gradient reaches the teacher. The last stage returns (student logits, teacher logits, fraction sum), each logits
 [b, s, V / tp] (vocabulary-sharded, padded vocabulary).
 

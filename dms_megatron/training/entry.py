@@ -19,13 +19,15 @@ from typing import Optional
 import yaml
 
 from dms_megatron.checkpoint import CheckpointError
-from dms_megatron.config import ConfigError, RefitConfig
+from dms_megatron.config import BAD_INPUT_EXIT_CODE, ConfigError, RefitConfig
 from dms_megatron.data.embedded import AssetError
 from dms_megatron.training.preemption import ABORTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, catch_early_usr1
+from dms_megatron.training.report import format_report
 from dms_megatron.training.run_config import CONFIG
-from dms_megatron.training.trainer import RefitTrainer, TrainerHooks, TrainingDiverged, rank
+from dms_megatron.megatron.distributed import rank
+from dms_megatron.training.trainer import RefitTrainer, TrainerHooks, TrainingDiverged
 
-CONFIG_EXIT_CODE, DIVERGED_EXIT_CODE = 2, 3
+DIVERGED_EXIT_CODE = 3
 
 
 def fault_hooks(spec: Optional[str]) -> TrainerHooks:
@@ -56,7 +58,7 @@ def run_rank(run_dir: Path, fault: Optional[str] = None) -> int:
         report = RefitTrainer(cfg, run_dir, fault_hooks(fault)).run()
     except (ConfigError, CheckpointError, AssetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return CONFIG_EXIT_CODE
+        return BAD_INPUT_EXIT_CODE
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
@@ -69,8 +71,7 @@ def run_rank(run_dir: Path, fault: Optional[str] = None) -> int:
                   f"run again with the same run dir to resume", file=sys.stderr)
         return ABORTED_EXIT_CODE
     if report:
-        print("report: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in report.items() if not isinstance(v, dict)), flush=True)
+        print(format_report(report), flush=True)
     return 0
 
 
@@ -79,5 +80,4 @@ def needs_report_process(cfg: RefitConfig) -> bool:
     return cfg.parallel.tp * cfg.parallel.pp > 1
 
 
-__all__ = ["run_rank", "fault_hooks", "read_run_config", "needs_report_process", "CONFIG_EXIT_CODE",
-           "DIVERGED_EXIT_CODE"]
+__all__ = ["run_rank", "fault_hooks", "read_run_config", "needs_report_process", "DIVERGED_EXIT_CODE"]

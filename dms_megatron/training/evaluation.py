@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from dms_megatron.core.losses import kd_loss
+from dms_megatron.data.recall import answer_accuracy
 from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
 
@@ -51,6 +52,14 @@ def teacher_forced_predictions(model, sequences: Sequence[Sequence[int]], vocab_
     return out
 
 
+def recall_accuracy(model, items: List[dict], vocab_size: int, device: Optional[torch.device] = None,
+                    runtime_mode: Optional[str] = None) -> float:
+    """Teacher-forced accuracy at every answer position of held-out recall items (``runtime_mode`` "hard": a DMS
+    student with inference eviction)."""
+    predictions = teacher_forced_predictions(model, [it["ids"] for it in items], vocab_size, device, runtime_mode)
+    return answer_accuracy(items, predictions)
+
+
 @torch.no_grad()
 def heldout_metrics(student, teacher, batches, vocab_size: int) -> dict:
     """KL(student_hard || teacher) per token and the kept-key fraction under hard decisions on held-out batches.
@@ -79,4 +88,4 @@ def heldout_metrics(student, teacher, batches, vocab_size: int) -> dict:
             "achieved_cr": 1.0 / max(kept_frac, 1e-9)}
 
 
-__all__ = ["lm_loss", "teacher_forced_predictions", "heldout_metrics"]
+__all__ = ["lm_loss", "teacher_forced_predictions", "recall_accuracy", "heldout_metrics"]

@@ -7,6 +7,7 @@ host: nothing is built or written); ``build=True`` (the workers) also builds the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,8 +16,8 @@ from dms_megatron.checkpoint import CheckpointError, read_checkpoint_configs
 from dms_megatron.config import ConfigError, ModelConfig, RefitConfig, check_same_arch
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model
-from dms_megatron.data.embedded import AssetError, ensure_refit_data, verify_teacher
-from dms_megatron.data.indexed import check_prefix, max_token_id
+from dms_megatron.data.embedded import AssetError, ensure_refit_data, heldout_file, verify_teacher
+from dms_megatron.data.indexed import build_gpt_datasets, check_prefix, max_token_id
 from dms_megatron.data.recall import read_items
 from dms_megatron.data.tokenizer import load_tokenizer
 
@@ -31,6 +32,14 @@ class RunInputs:
     recall_eval: Optional[Path]
     eos_id: int
     pad_id: int
+
+    def datasets(self, cfg: RefitConfig, run_dir):
+        """(train, valid) megatron GPT datasets of a run: the same samples on every rank and in its report."""
+        t = cfg.train
+        return build_gpt_datasets(self.train_prefix, self.valid_prefix, t.seq_length, t.seed,
+                                  t.steps * t.global_batch_size, max(1, t.eval_batches * t.micro_batch_size),
+                                  self.eos_id, self.pad_id, self.model_config.vocab_size,
+                                  cache_dir=None if cfg.embedded else str(Path(run_dir) / "data-cache"))
 
     @classmethod
     def resolve(cls, cfg: RefitConfig, build: bool = True, log=print) -> "RunInputs":
@@ -52,7 +61,7 @@ class RunInputs:
             else:
                 init = tok_dir = verify_teacher()
                 train = valid = None
-                recall = init / f"heldout_{cfg.data.recall}.jsonl"
+                recall = heldout_file(init, cfg.data.recall)
         else:
             init, tok_dir = Path(cfg.train.init_checkpoint), Path(cfg.data.tokenizer)
             train = check_prefix(cfg.data.train_prefix, "data.train_prefix")
@@ -60,6 +69,7 @@ class RunInputs:
             recall = Path(cfg.data.recall_eval) if cfg.data.recall_eval else None
         mc = init_model_config(init)
         check_same_arch(cfg.model, mc, f"the teacher {init}")
+        mc = dataclasses.replace(mc, spec=cfg.model.spec)  # how to build it is the run's choice, not the teacher's
         if cfg.train.seq_length > mc.max_position_embeddings:
             raise ConfigError(f"train.seq_length={cfg.train.seq_length} exceeds the teacher's "
                               f"max_position_embeddings={mc.max_position_embeddings} ({init})")

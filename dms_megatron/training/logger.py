@@ -12,11 +12,8 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+from dms_megatron.progress import fmt_duration, rate_and_left
+from dms_megatron.training.report import read_history
 
 
 class MetricsLogger:
@@ -69,16 +66,12 @@ class MetricsLogger:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=self.summary(metrics))
         elif step % self.cfg.logging.log_interval == 0 or step == self.total:
-            done = step - self.start
-            rate = done / max(time.time() - self._t0, 1e-9)
-            left = (self.total - step) / max(rate, 1e-9)
+            rate, left = rate_and_left(step - self.start, self.total - self.start, time.time() - self._t0)
             print(f"step {step}/{self.total} loss {metrics['loss']:.4f} {self.summary(metrics)} | "
-                  f"{rate:.2f} steps/s, {_fmt_time(left)} left", file=self.stream, flush=True)
+                  f"{rate:.2f} steps/s, {fmt_duration(left)} left", file=self.stream, flush=True)
 
     def history(self) -> list:
-        if not self.path.exists():
-            return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        return read_history(self.path.parent)
 
     def close(self) -> None:
         if self._progress is not None:

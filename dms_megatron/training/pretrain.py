@@ -24,10 +24,11 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from dms_megatron.config import ModelConfig, TrainConfig
-from dms_megatron.data.recall import TASKS, RecallSpec, RecallTask, answer_accuracy, filler_from
+from dms_megatron.data.recall import TASKS, RecallSpec, RecallTask, filler_from
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
 from dms_megatron.megatron.model import build_gpt_model, transformer_config
-from dms_megatron.training.evaluation import lm_loss, teacher_forced_predictions
+from dms_megatron.progress import fmt_duration, rate_and_left
+from dms_megatron.training.evaluation import lm_loss, recall_accuracy
 from dms_megatron.training.optim import build_optimizer, build_scheduler, finalize_grads, wrap_ddp
 
 
@@ -129,16 +130,10 @@ def train_step(ddp, optimizer, scheduler, batch: dict, vocab: int, device: torch
     return loss.item()
 
 
-def recall_accuracy(model, items: List[dict], vocab: int, device: torch.device) -> float:
-    """Teacher-forced accuracy at every answer position of held-out recall items (full cache)."""
-    return answer_accuracy(items, teacher_forced_predictions(model, [it["ids"] for it in items], vocab, device))
-
-
 def pretrain(recipe: PretrainRecipe, tok, text_ids: List[int], evals: dict, device: torch.device,
-             log: Callable[[str], None] = print, eval_interval: int = 250,
-             stop: Optional[Callable[[], bool]] = None) -> tuple:
+             log: Callable[[str], None] = print, eval_interval: int = 250) -> tuple:
     """Train the teacher; returns (model, history). ``evals`` maps a name to held-out recall items scored every
-    ``eval_interval`` steps; ``stop()`` is polled after every step (a stop request ends training early)."""
+    ``eval_interval`` steps."""
     model, ddp, optimizer, scheduler = build_teacher(recipe, device)
     batches = PretrainBatches(tok, text_ids, recipe)
     vocab, history, t0 = recipe.model.vocab_size, [], time.time()
@@ -148,12 +143,9 @@ def pretrain(recipe: PretrainRecipe, tok, text_ids: List[int], evals: dict, devi
             row = {"step": step + 1, "loss": round(loss, 4), "seconds": round(time.time() - t0, 1)}
             row.update({f"recall_{k}": round(recall_accuracy(model, v, vocab, device), 4) for k, v in evals.items()})
             history.append(row)
-            eta = (time.time() - t0) / (step + 1) * (recipe.steps - step - 1)
-            log(" ".join(f"{k} {v}" for k, v in row.items()) + f" | ETA {eta / 60:.0f} min")
-        if stop is not None and stop():
-            raise KeyboardInterrupt(f"stopped at step {step + 1}")
+            _, left = rate_and_left(step + 1, recipe.steps, time.time() - t0)
+            log(" ".join(f"{k} {v}" for k, v in row.items()) + f" | {fmt_duration(left)} left")
     return model, history
 
 
-__all__ = ["PretrainRecipe", "PretrainBatches", "scaled_spec", "phase_at", "pretrain", "recall_accuracy",
-           "build_teacher"]
+__all__ = ["PretrainRecipe", "PretrainBatches", "scaled_spec", "phase_at", "pretrain", "build_teacher"]

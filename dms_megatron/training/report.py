@@ -13,11 +13,11 @@ import yaml
 
 from dms_megatron.checkpoint import load_model_weights
 from dms_megatron.config import RefitConfig
-from dms_megatron.data.indexed import build_gpt_datasets, collate
-from dms_megatron.data.recall import answer_accuracy, read_items
+from dms_megatron.data.indexed import collate
+from dms_megatron.data.recall import read_items
 from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
 from dms_megatron.megatron.model import build_gpt_model
-from dms_megatron.training.evaluation import heldout_metrics, teacher_forced_predictions
+from dms_megatron.training.evaluation import heldout_metrics, recall_accuracy
 from dms_megatron.training.inputs import RunInputs
 from dms_megatron.training.weights import load_init_weights
 
@@ -45,12 +45,6 @@ def plot_run(history: List[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def recall_accuracy(model, items: List[dict], vocab: int, mode=None) -> float:
-    """Teacher-forced accuracy at the answer positions (``mode`` "hard": a DMS student with inference eviction)."""
-    return answer_accuracy(items, teacher_forced_predictions(model, [it["ids"] for it in items], vocab,
-                                                             runtime_mode=mode))
-
-
 def write_report(run_dir: Path, cfg: RefitConfig, inputs: RunInputs, student, teacher, valid_ds,
                  history: List[dict]) -> dict:
     t, d = cfg.train, cfg.dms
@@ -66,7 +60,7 @@ def write_report(run_dir: Path, cfg: RefitConfig, inputs: RunInputs, student, te
     if inputs.recall_eval:
         items = read_items(inputs.recall_eval, t.recall_eval_limit)
         report["teacher_recall_acc"] = recall_accuracy(teacher, items, vocab)
-        report["student_recall_acc"] = recall_accuracy(student, items, vocab, mode="hard")
+        report["student_recall_acc"] = recall_accuracy(student, items, vocab, runtime_mode="hard")
         report["recall_answers"] = sum(len(it["answers"]) for it in items)
     if history:
         report["final_train"] = {k: history[-1][k] for k in ("kd_loss", "compression_loss", "evicted_fraction",
@@ -76,6 +70,12 @@ def write_report(run_dir: Path, cfg: RefitConfig, inputs: RunInputs, student, te
         plot_run(history, Path(run_dir) / "refit.png", title)
     Path(run_dir, "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def format_report(report: dict) -> str:
+    """The one-line summary of a report the worker prints."""
+    return "report: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in report.items() if not isinstance(v, dict))
 
 
 def read_history(run_dir: Path) -> List[dict]:
@@ -100,14 +100,10 @@ def report_from_checkpoint(run_dir: Path) -> dict:
         teacher.eval()
         student = build_gpt_model(mc, cfg.dms, seq_length=seq)
         load_model_weights(Path(run_dir) / "checkpoints", student)
-        t = cfg.train
-        _, valid_ds = build_gpt_datasets(inputs.train_prefix, inputs.valid_prefix, seq, t.seed,
-                                         t.steps * t.global_batch_size, max(1, t.eval_batches * t.micro_batch_size),
-                                         inputs.eos_id, inputs.pad_id, mc.vocab_size,
-                                         cache_dir=None if cfg.embedded else str(Path(run_dir) / "data-cache"))
+        _, valid_ds = inputs.datasets(cfg, run_dir)
         return write_report(Path(run_dir), cfg, inputs, student, teacher, valid_ds, read_history(run_dir))
     finally:
         destroy_process_groups()
 
 
-__all__ = ["write_report", "report_from_checkpoint", "plot_run", "read_history", "recall_accuracy"]
+__all__ = ["write_report", "report_from_checkpoint", "plot_run", "read_history", "format_report"]

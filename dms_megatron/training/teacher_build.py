@@ -22,13 +22,12 @@ import torch
 
 from dms_megatron.convert.workflows import build_hf_config, export_tensors
 from dms_megatron.data.corpus import stdlib_texts
-from dms_megatron.data.embedded import TEXT_CHARS, checksums_of, heldout_file, text_ids, write_checksums
+from dms_megatron.data.embedded import HELDOUT_CHARS, TEXT_CHARS, checksums_of, heldout_file, text_ids, write_checksums
 from dms_megatron.data.recall import TASKS, RecallTask, filler_from, write_items
 from dms_megatron.data.tokenizer import train_tokenizer
 from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
 from dms_megatron.training.pretrain import PretrainRecipe, pretrain
 
-HELDOUT_CHARS = 600_000
 EVAL_ITEMS = 200
 KL_SEQUENCES = 16
 
@@ -40,7 +39,7 @@ def heldout_items(tok, stream: List[int], task_name: str, count: int, length: in
     return [task.item(rng, filler, length) for _ in range(count)]
 
 
-def heldout_sequences(stream: List[int], count: int, length: int, seed: int) -> List[List[int]]:
+def heldout_text_spans(stream: List[int], count: int, length: int, seed: int) -> List[List[int]]:
     """``count`` random spans of ``length`` tokens of the held-out text (the KL's reference text)."""
     rng = random.Random(seed)
     return [stream[i:i + length] for i in (rng.randrange(len(stream) - length) for _ in range(count))]
@@ -53,7 +52,7 @@ def _write_heldout(out: Path, tok, recipe: PretrainRecipe, count: int) -> dict:
     for i, name in enumerate(TASKS):
         evals[name] = heldout_items(tok, stream, name, count, recipe.seq_length, recipe.seed + 100 + i)
         write_items(heldout_file(out, name), evals[name])
-    seqs = heldout_sequences(stream, KL_SEQUENCES, recipe.seq_length, recipe.seed + 200)
+    seqs = heldout_text_spans(stream, KL_SEQUENCES, recipe.seq_length, recipe.seed + 200)
     heldout_file(out, "text").write_text(json.dumps({"sequences": seqs}))
     return evals
 
@@ -100,4 +99,4 @@ def build_teacher_assets(out: Path, recipe: PretrainRecipe, device: torch.device
         checksums_of(tmp).unlink(missing_ok=True)
 
 
-__all__ = ["build_teacher_assets", "heldout_items", "heldout_sequences"]
+__all__ = ["build_teacher_assets", "heldout_items", "heldout_text_spans"]

@@ -9,7 +9,7 @@
   checkpoint  an atomic dist-checkpoint of the student (every ``save_interval`` steps, at the end, on preemption)
   report      held-out KL, achieved CR and recall (report.json, refit.png), on one rank
 
-Runs in every rank (single process or torchrun); never imports Hydra. ``TrainerHooks`` is the explicit test hook
+Runs in every rank (one process, local processes started by dms-refit, torchrun or srun); never imports Hydra. ``TrainerHooks`` is the explicit test hook
 (gradients after backward, a transformed loss, a callback after each step).
 """
 
@@ -32,10 +32,11 @@ from dms_megatron.checkpoint import latest_iteration, load_checkpoint, read_extr
 from dms_megatron.config import ConfigError, RefitConfig
 from dms_megatron.convert.hf_io import iter_side_files, read_config
 from dms_megatron.convert.hf_model import is_hf_dir
+from dms_megatron.convert.workflows import ASSETS
 from dms_megatron.core.losses import compression_loss, cr_at_step, target_evicted_fraction
-from dms_megatron.data.indexed import build_gpt_datasets, collate
+from dms_megatron.data.indexed import collate
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
-from dms_megatron.megatron.distributed import init_process_groups, validate_model_layout
+from dms_megatron.megatron.distributed import init_process_groups, rank, validate_model_layout
 from dms_megatron.megatron.model import build_gpt_model, params_dtype, transformer_config
 from dms_megatron.megatron.parallel_loss import global_mean_fraction, layer_fraction_vector, vocab_parallel_kd_loss
 from dms_megatron.megatron.pipeline import DistillationStage, pipeline_micro_batch_size
@@ -55,16 +56,13 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainerHooks:
-    """Test hooks. after_backward(step, ddp): the reduced gradients before each update; loss(step, loss) -> loss:
-    replaces a micro batch's loss (e.g. NaN injection); after_step(step, metrics): after each logged step."""
+    """Test hooks, each given the 1-based number of the optimizer step it runs in. after_backward(step, ddp): the
+    reduced gradients before the update; loss(step, loss) -> loss: replaces a micro batch's loss (e.g. NaN
+    injection); after_step(step, metrics): after the step is logged."""
 
     after_backward: Optional[Callable] = None
     loss: Optional[Callable] = None
     after_step: Optional[Callable] = None
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 class RefitTrainer:
@@ -156,11 +154,7 @@ class RefitTrainer:
             self.log(f"resumed from {self.ckpt_dir} at step {self.start}")
 
     def data(self) -> None:
-        t, inp = self.cfg.train, self.inputs
-        self.train_ds, self.valid_ds = build_gpt_datasets(
-            inp.train_prefix, inp.valid_prefix, t.seq_length, t.seed, t.steps * t.global_batch_size,
-            max(1, t.eval_batches * t.micro_batch_size), inp.eos_id, inp.pad_id, self.model_config.vocab_size,
-            cache_dir=None if self.cfg.embedded else str(self.run_dir / "data-cache"))
+        self.train_ds, self.valid_ds = self.inputs.datasets(self.cfg, self.run_dir)
 
     def micro_batches(self, step: int):
         """This data-parallel rank's micro batches of one optimizer step; sample ids are global dataset indices."""
@@ -222,7 +216,7 @@ class RefitTrainer:
                                    f"{self.ckpt_dir} is kept")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves it after)
         if self.hooks.after_backward is not None:
-            self.hooks.after_backward(step, self.ddp)
+            self.hooks.after_backward(step + 1, self.ddp)
         with cuda_to_cpu_mode():
             _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
@@ -252,12 +246,12 @@ class RefitTrainer:
 
     def _carry_hf_metadata(self) -> Optional[dict]:
         """What ``dms-convert export`` needs from an imported teacher: its HF config (returned, saved in every
-        checkpoint's extra state) and its tokenizer / generation files (copied to ``checkpoints/hf_assets``)."""
+        checkpoint's extra state) and its tokenizer / generation files (copied to ``checkpoints/<ASSETS>``)."""
         init = Path(self.inputs.init)
         hf = read_config(init) if is_hf_dir(init) else read_extra(init).get("hf_config")
         sides = list(iter_side_files(init)) if is_hf_dir(init) else (
-            sorted((init / "hf_assets").iterdir()) if (init / "hf_assets").is_dir() else [])
-        dest = self.ckpt_dir / "hf_assets"
+            sorted((init / ASSETS).iterdir()) if (init / ASSETS).is_dir() else [])
+        dest = self.ckpt_dir / ASSETS
         if sides and rank() == 0 and not dest.exists():
             tmp = self.ckpt_dir / ".hf_assets.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -268,4 +262,4 @@ class RefitTrainer:
         return hf
 
 
-__all__ = ["RefitTrainer", "TrainerHooks", "TrainingDiverged", "rank"]
+__all__ = ["RefitTrainer", "TrainerHooks", "TrainingDiverged"]

@@ -10,17 +10,21 @@ import torch
 
 from dms_megatron.checkpoint import load_model_weights
 from dms_megatron.config import ConfigError, ModelConfig
+from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, load_hf_into_model, read_hf_model
 
 
 def load_init_weights(init: Path, model, model_cfg: ModelConfig, allow_missing: Sequence[str] = ()) -> None:
     """Fill ``model`` (this rank's stage and tensor shard) from ``init``; parameters whose name contains one of
     ``allow_missing`` may be absent from it (e.g. a DMS adapter student from a plain teacher)."""
-    if is_hf_dir(init):
+    if not is_hf_dir(init):
+        load_model_weights(init, model, allow_missing=allow_missing)
+        return
+    try:
         fam, _, _, _, reader, _ = read_hf_model(init)
         load_hf_into_model(model, reader, fam, model_cfg, None, allow_missing=allow_missing)
-    else:
-        load_model_weights(init, model, allow_missing=allow_missing)
+    except ConversionError as e:
+        raise ConfigError(f"cannot load the teacher {init}: {e}") from None
 
 
 def check_teacher(model) -> None:
