@@ -35,8 +35,11 @@ def build_assets(root: Path, init_std: float = 0.02) -> dict:
     write_indexed(root / "data" / "valid", docs[150:], len(tok))
     write_items(root / "recall.jsonl", [task.item(rng, filler, RECALL_LEN) for _ in range(8)])
     cfg = tiny_model_config(vocab_size=len(tok), max_position_embeddings=SEQ, init_method_std=init_std)
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     torch.manual_seed(0)
-    teacher = build_gpt_model(cfg, None, seq_length=SEQ)
+    model_parallel_cuda_manual_seed(0)  # megatron draws initial weights from its own RNG stream: the same teacher
+    teacher = build_gpt_model(cfg, None, seq_length=SEQ)  # whichever tests ran before
     save_checkpoint(root / "teacher", 0, teacher, extra={"model_config": asdict(cfg), "dms_config": None})
     return {"model": asdict(cfg), "tokenizer": str(root / "tokenizer"), "train": str(root / "data" / "train"),
             "valid": str(root / "data" / "valid"), "recall": str(root / "recall.jsonl"),

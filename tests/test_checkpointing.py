@@ -86,7 +86,7 @@ def test_roundtrip_restores_training_state_exactly(megatron_single, tmp_path, ad
 def test_failed_save_leaves_previous_checkpoint_current(megatron_single, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
-    from dms_megatron.checkpoint import TRACKER, latest_iteration, load_checkpoint, save_checkpoint
+    from dms_megatron.checkpoint import TRACKER, CheckpointError, latest_iteration, load_checkpoint, save_checkpoint
 
     model, ddp, opt, sched = _setup()
     save_checkpoint(tmp_path, 1, ddp, opt, sched)
@@ -99,7 +99,7 @@ def test_failed_save_leaves_previous_checkpoint_current(megatron_single, tmp_pat
         raise OSError("disk full")
 
     monkeypatch.setattr(dist_checkpointing, "save", crash_after_writing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"writing checkpoint .*iter_0000002 failed: OSError: disk full"):
         save_checkpoint(tmp_path, 2, ddp, opt, sched)
     monkeypatch.undo()
     assert not (tmp_path / "iter_0000002").exists()
