@@ -77,10 +77,11 @@ def test_decode_matches_independent_reference_decoder():
     """The coordinator's plain reference (megatron names, python-list cache) agrees on logits and on resident counts."""
     from reference_decoder import ReferenceDecoder
     from dms_megatron.convert import family_by_name
-    from dms_megatron.convert.mapping import bind_rules, import_stream
+    from dms_megatron.convert.mapping import bind_rules
 
     sd, mc, dms = dms_student("qwen3", "qneuron")
-    meg = dict(import_stream(bind_rules(family_by_name("qwen3").rules, mc), lambda n: sd[n], mc))
+    meg = {b.megatron: b.rule.transform.to_megatron([sd[n] for n in b.hf], mc)
+           for b in bind_rules(family_by_name("qwen3").rules, mc)}
     ref_dec = ReferenceDecoder(meg, mc, qneuron=True, window=dms.window, evict=True)
     ids = random_ids(SEQ, seed=3)
     ref = ref_dec.run(ids.tolist())[:, : mc.vocab_size]

@@ -95,6 +95,51 @@ def test_a_dms_layer_outside_a_dms_forward_refuses_to_guess_its_mode(megatron_si
         student(ids, pos, None)
 
 
+def test_the_layer_hand_offs_refuse_miswiring():
+    """Decision logits pass self-attention -> core attention once per forward; the adapter reads the layer's input
+    only while the layer holds it."""
+    from dms_megatron.megatron.attention import AdapterInput, DecisionChannel
+
+    ch = DecisionChannel()
+    with pytest.raises(RuntimeError, match="without decision logits"):
+        ch.receive()
+    x = torch.ones(2, 1, 1)
+    ch.send(x)
+    with pytest.raises(RuntimeError, match="sent twice"):
+        ch.send(x)
+    assert ch.receive() is x
+    with pytest.raises(RuntimeError, match="without decision logits"):
+        ch.receive()
+    ch.send(None)  # teacher mode: no logits, still exactly one hand-off
+    assert ch.receive() is None
+
+    held = AdapterInput()
+    with pytest.raises(RuntimeError, match="needs the pre-norm hidden states"):
+        held.get()
+    with held.holding(x):
+        assert held.get() is x
+        with pytest.raises(RuntimeError, match="held twice"):
+            with held.holding(x):
+                pass
+    with pytest.raises(RuntimeError, match="needs the pre-norm hidden states"):
+        held.get()
+
+
+def test_an_adapter_attention_outside_its_dms_layer_refuses_to_run(megatron_single):
+    """The adapter's self-attention run without the DMSTransformerLayer that holds its input raises (it never reads
+    stale hidden states of an earlier call)."""
+    from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
+
+    student = _build(tiny_model_config(), DMSConfig(window=WINDOW, alpha_source="adapter"))
+    ids, pos = _tokens()
+    with dms_forward(student, DMSRuntime(mode="hard")):
+        student(ids, pos, None)
+        layer = student.decoder.layers[0]
+        h = torch.zeros(TINY_SEQ, BATCH, layer.config.hidden_size)
+        with pytest.raises(RuntimeError, match="needs the pre-norm hidden states"):
+            layer.self_attention(h, None)
+
+
 def test_qneuron_student_without_eviction_is_the_model_minus_the_borrowed_neuron(megatron_single):
     """With a window >= sequence length no eviction can happen, so the student differs from the teacher exactly
     by the borrowed neuron (last dim of the first query head of each group), which is zeroed before and after RoPE.

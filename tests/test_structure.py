@@ -29,32 +29,80 @@ def _modules():
 MODULES = _modules()
 
 
-def _targets(node, module: str):
+def _targets(node, module: str, modules=MODULES):
     """The package modules an import statement names (``from pkg import submodule`` -> the submodule)."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name.startswith("dms_megatron")]
     base = node.module or ""
     if node.level:  # relative import
-        pkg = module.split(".")[: -node.level] if MODULES[module].name != "__init__.py" else module.split(".")
+        is_init = module in modules and modules[module].name == "__init__.py"
+        pkg = module.split(".") if is_init else module.split(".")[: -node.level]
         base = ".".join(pkg + ([base] if base else []))
     if not base.startswith("dms_megatron"):
         return []
-    return [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
 
 
-def _graph():
+def _dynamic_target(node):
+    """``import_module("dms_megatron.x")`` / ``importlib.import_module(...)`` with a literal name -> that module.
+    (An f-string such as f"{__package__}.{name}" stays inside its own package, so its layer.)"""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    f = node.func
+    name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+    arg = node.args[0]
+    if name == "import_module" and isinstance(arg, ast.Constant) and str(arg.value).startswith("dms_megatron"):
+        return arg.value
+    return None
+
+
+def _graph(sources=None, modules=MODULES):
+    """(module -> imported package modules, [(module, function, lazily imported name, commented)]) of ``sources``
+    (module name -> source text; default: the package)."""
+    sources = sources or {mod: path.read_text() for mod, path in modules.items()}
     edges, lazy = defaultdict(set), []
-    for mod, path in MODULES.items():
-        tree = ast.parse(path.read_text())
+    for mod, source in sources.items():
+        lines = source.splitlines()
+        tree = ast.parse(source)
         for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             for n in ast.walk(fn):
                 if isinstance(n, (ast.Import, ast.ImportFrom)):
                     names = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or "."]
-                    lazy += [(mod, fn.name, name) for name in names]
+                    said = "#" in lines[n.lineno - 1] or lines[n.lineno - 2].strip().startswith("#")
+                    lazy += [(mod, fn.name, name, said) for name in names]
         for n in ast.walk(tree):
             if isinstance(n, (ast.Import, ast.ImportFrom)):
-                edges[mod].update(t for t in _targets(n, mod) if t != mod)
+                edges[mod].update(t for t in _targets(n, mod, modules) if t != mod)
+            elif _dynamic_target(n):
+                edges[mod].add(_dynamic_target(n))
     return edges, lazy
+
+
+def _cycles(edges) -> list:
+    state, cycle = {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(edges.get(m, ())):
+            if state.get(n) == "open":
+                cycle.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    return cycle
+
+
+def _upward(edges) -> list:
+    return [(a, b) for a, bs in edges.items() for b in bs if _layer(b) > _layer(a)]
+
+
+def _misplaced(lazy) -> list:
+    """Lazy imports of anything but an optional dependency, and lazy optional imports without a comment why."""
+    return [(m, f, name) for m, f, name, said in lazy if name.split(".")[0] not in OPTIONAL or not said]
 
 
 def _is_package(name: str) -> bool:
@@ -74,33 +122,17 @@ def test_every_subpackage_has_a_layer():
 
 def test_layers_import_only_downward():
     edges, _ = _graph()
-    upward = [(a, b) for a, bs in edges.items() for b in bs if _layer(b) > _layer(a)]
-    assert not upward, upward
+    assert not _upward(edges), _upward(edges)
 
 
 def test_no_import_cycles_between_modules():
     edges, _ = _graph()
-    state, cycle = {}, []
-
-    def visit(m, stack):
-        state[m] = "open"
-        for n in sorted(edges.get(m, ())):
-            if state.get(n) == "open":
-                cycle.append(stack[stack.index(n):] + [n])
-            elif n not in state:
-                visit(n, stack + [n])
-        state[m] = "done"
-
-    for m in sorted(MODULES):
-        if m not in state:
-            visit(m, [m])
-    assert not cycle, cycle[0]
+    assert not _cycles(edges), _cycles(edges)[0]
 
 
-def test_imports_sit_at_module_top_except_optional_dependencies():
+def test_imports_sit_at_module_top_except_optional_dependencies_with_a_reason():
     _, lazy = _graph()
-    bad = [(m, f, name) for m, f, name in lazy if name.split(".")[0] not in OPTIONAL]
-    assert not bad, bad
+    assert not _misplaced(lazy), _misplaced(lazy)
 
 
 @pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
@@ -113,8 +145,16 @@ def test_functions_and_files_are_small(path):
 
 
 def test_the_checks_see_a_violation():
-    """The graph reader finds an upward import and a lazy one when they are there (a check that cannot fail is
-    none)."""
-    tree = ast.parse("from dms_megatron.launch import refit\n\ndef f():\n    import json\n")
-    targets = [t for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for t in _targets(n, "dms_megatron.core")]
-    assert targets == ["dms_megatron.launch.refit"] and _layer(targets[0]) > _layer("dms_megatron.core.masks")
+    """Each check finds its violation when one is there (a check that cannot fail is none): an upward import (also
+    through import_module), a cycle, a lazy import of a required package, a lazy optional one without a reason."""
+    fake = {"dms_megatron.core.a": "from dms_megatron.launch import refit\n",
+            "dms_megatron.core.b": "import importlib\nm = importlib.import_module('dms_megatron.eval.run')\n",
+            "dms_megatron.data.c": "from dms_megatron.data import d\n",
+            "dms_megatron.data.d": "def f():\n    import json\n    import wandb\n    import triton  # optional\n"
+                                   "from dms_megatron.data import c\n"}
+    modules = {m: Path(m.replace(".", "/") + ".py") for m in fake}
+    edges, lazy = _graph(fake, modules)
+    assert sorted(_upward(edges)) == [("dms_megatron.core.a", "dms_megatron.launch"),
+                                      ("dms_megatron.core.b", "dms_megatron.eval.run")]
+    assert _cycles(edges) == [["dms_megatron.data.c", "dms_megatron.data.d", "dms_megatron.data.c"]]
+    assert _misplaced(lazy) == [("dms_megatron.data.d", "f", "json"), ("dms_megatron.data.d", "f", "wandb")]

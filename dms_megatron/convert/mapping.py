@@ -15,7 +15,7 @@ Megatron layouts (megatron-core 0.16 ``SelfAttention.get_query_key_value_tensors
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -201,16 +201,6 @@ def validate_hf_tensors(bound: Sequence[BoundRule], available: Dict[str, Tuple[T
                                   f"expected {list(shape)} from config.json")
 
 
-def import_stream(bound: Sequence[BoundRule], read: Callable[[str], torch.Tensor], cfg: ModelConfig,
-                  dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield (megatron name, full megatron tensor) one rule at a time; only that rule's HF tensors are in memory."""
-    for b in bound:
-        hf = [read(n) for n in b.hf]
-        t = b.rule.transform.to_megatron(hf, cfg)
-        del hf
-        yield b.megatron, (t if dtype is None else t.to(dtype))
-
-
 def export_plan(bound: Sequence[BoundRule], dtype_of: Callable[[BoundRule], torch.dtype]) -> List[PlannedTensor]:
     return [PlannedTensor(n, s, dtype_of(b)) for b in bound for n, s in zip(b.hf, b.hf_shapes)]
 
@@ -390,7 +380,7 @@ def common_to_hf(cfg: ModelConfig, spec_arch: str, model_type: str) -> dict:
 
 
 __all__ = ["Rule", "BoundRule", "Transform", "Copy", "VocabPad", "FusedQKV", "GatedMLP", "bind_rules",
-           "validate_hf_tensors", "import_stream", "export_plan", "ExportProducer", "tp_shard", "pp_layer_range",
+           "validate_hf_tensors", "export_plan", "ExportProducer", "tp_shard", "pp_layer_range",
            "TP_REPLICATED", "TP_ROWS", "TP_COLS", "TP_GATED", "DIMS", "FamilySpec", "DMS_ADAPTER_RULES",
            "DMS_AUTO_MAP", "dms_to_hf", "dms_from_hf", "rope_from_hf", "common_from_hf", "common_to_hf",
            "IGNORED_HF_SUFFIXES"]

@@ -52,8 +52,8 @@ def _kernels():
     library functions are decorated then), so TRITON_INTERPRET must not change after triton is imported."""
     if importlib.util.find_spec("triton") is None:
         raise ImportError("triton_dms_attention needs triton: pip install triton (3.6 tested on CUDA)")
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl  # optional: triton is absent on most CPU machines (and imports slowly)
+    from triton.runtime.interpreter import InterpretedFunction  # optional, as above
 
     if isinstance(tl.zeros, InterpretedFunction) != _interpreting():
         raise RuntimeError("TRITON_INTERPRET changed after triton was imported: set it in the environment of a "
@@ -68,7 +68,7 @@ def _kernels():
 
 def _add_autotuned(mod) -> None:
     """Autotuned handles (CUDA) next to the raw kernels: Hopper-sized tiles, 4-8 warps, 2-3 stages."""
-    import triton
+    import triton  # optional: see _kernels
 
     def cfgs(pairs, names):
         return [triton.Config({names[0]: m, names[1]: n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
@@ -85,7 +85,7 @@ def _add_autotuned(mod) -> None:
 def _launch(mod, name: str, grid_rows: int, grid_cols: int, blocks: Optional[Blocks], tiles, *args, **consts):
     """Launch kernel ``name`` on grid (cdiv(grid_rows, tile), grid_cols); ``tiles`` = (row-tile name, its
     Blocks field, other tile name, its Blocks field). Autotuned when ``blocks`` is None."""
-    import triton
+    import triton  # optional: see _kernels
 
     row_tile, row_field, col_tile, col_field = tiles
     if blocks is None:
@@ -138,7 +138,7 @@ class _TritonDMS(torch.autograd.Function):
         bias_grad = has_bias and ctx.needs_input_grad[3]
         delta = torch.empty(b, np_, sq, dtype=torch.float32, device=q.device)        # rowsum(dO * O)
         rows = 64 if blocks is None else blocks.fwd_m
-        import triton
+        import triton  # optional: see _kernels
         mod.dms_bwd_delta[(triton.cdiv(sq, rows), b * np_)](
             out, dout, delta, *_strides(out), *_strides(dout), np_, sq, HEAD_DIM=hn, BLOCK_M=rows)
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)                    # contiguous

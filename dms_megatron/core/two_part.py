@@ -61,7 +61,6 @@ def _chunk_scores(q, k, kbias, i0, i1, d_lo, d_hi, scale):
 def _torch_part_fwd(q, k, v, kbias, d_lo, d_hi, scale, chunk):
     """(out [b, np, sq, hn], lse [b, np, sq] fp32) of one part; rows without keys: out 0, lse -inf."""
     b, np_, sq, hn = q.shape
-    ng = k.shape[1]
     out = torch.zeros_like(q)
     lse = torch.full((b, np_, sq), float("-inf"), device=q.device)
     for i0 in range(0, sq, chunk):

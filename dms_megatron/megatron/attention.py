@@ -2,7 +2,8 @@
 applies delayed eviction.
 
 Data flow in one layer (s sequence, b batch, np/ng local query/KV heads, hn head dim):
-  DMSTransformerLayer hands its input (the pre-norm residual stream, [s, b, h]) to the adapter variant;
+  DMSTransformerLayer holds its input (the pre-norm residual stream, [s, b, h]) in the self-attention's
+     ``AdapterInput`` for the attention call (the adapter variant reads it from there);
   DMSSelfAttention.get_query_key_value_tensors -> query [s, b, np, hn] (pre-RoPE) -> decision logits [s, b, ng]
      (q-neuron: borrowed neuron * scale - offset, then the neuron is zeroed; adapter: Linear(RMSNorm(h_pre)))
      -> ``DecisionChannel.send``;
@@ -15,6 +16,7 @@ What the layer does (train / hard / teacher) comes only from the ``DMSRuntime`` 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -65,6 +67,31 @@ class DecisionChannel:
         return logits
 
 
+class AdapterInput:
+    """The hand-off of a layer's pre-attention-norm input [s, b, h] from ``DMSTransformerLayer`` to the adapter of its
+    ``DMSSelfAttention``: held for exactly one attention call (``holding``), read inside it (``get``); a read outside
+    one is a wiring error and raises."""
+
+    def __init__(self) -> None:
+        self._hidden: Optional[torch.Tensor] = None
+
+    @contextlib.contextmanager
+    def holding(self, hidden: torch.Tensor):
+        if self._hidden is not None:
+            raise RuntimeError("DMS adapter input held twice: attention calls of one layer may not nest")
+        self._hidden = hidden
+        try:
+            yield
+        finally:
+            self._hidden = None
+
+    def get(self) -> torch.Tensor:
+        if self._hidden is None:
+            raise RuntimeError("DMS adapter needs the pre-norm hidden states: build the layer with "
+                               "get_gpt_layer_dms_spec (DMSTransformerLayer)")
+        return self._hidden
+
+
 class DMSAlphaNorm(torch.nn.Module):
     """RMSNorm of the adapter (``core.norms.rms_norm``: Hugging Face's Llama/Qwen math)."""
 
@@ -84,18 +111,15 @@ def _zero_init(weight: torch.Tensor) -> torch.Tensor:
 
 
 class DMSTransformerLayer(TransformerLayer):
-    """TransformerLayer that hands its input (the pre-attention-norm residual stream) to the DMS adapter for the
-    duration of the attention call."""
+    """TransformerLayer that holds its input (the pre-attention-norm residual stream) in its DMS self-attention's
+    ``adapter_input`` for the duration of the attention call."""
 
     def _forward_attention(self, hidden_states, *args, **kwargs):
-        attn = self.self_attention
-        if not attn.needs_pre_norm_input:
+        handoff = self.self_attention.adapter_input
+        if handoff is None:  # q-neuron decisions need no hidden states
             return super()._forward_attention(hidden_states, *args, **kwargs)
-        attn.dms_pre_norm_input = hidden_states
-        try:
+        with handoff.holding(hidden_states):
             return super()._forward_attention(hidden_states, *args, **kwargs)
-        finally:
-            attn.dms_pre_norm_input = None
 
 
 class DMSSelfAttention(SelfAttention):
@@ -113,11 +137,11 @@ class DMSSelfAttention(SelfAttention):
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         self.dms_config = dms_config
         self.dms_runtime: Optional[DMSRuntime] = None  # bound by runtime.dms_forward for one forward
-        self.dms_pre_norm_input: Optional[torch.Tensor] = None
         self.num_groups_local = self.num_query_groups_per_partition
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.needs_pre_norm_input = dms_config.alpha_source == "adapter"
-        if self.needs_pre_norm_input:
+        # the adapter's input, handed over by DMSTransformerLayer; None for q-neuron decisions
+        self.adapter_input = AdapterInput() if dms_config.alpha_source == "adapter" else None
+        if self.adapter_input is not None:
             self.dms_alpha_norm = DMSAlphaNorm(config.hidden_size, config.layernorm_epsilon,
                                                sequence_parallel=config.sequence_parallel)
             self.dms_alpha_proj = ColumnParallelLinear(
@@ -148,11 +172,7 @@ class DMSSelfAttention(SelfAttention):
             logits = qneuron_decision_logits(query, self.num_groups_local, cfg.alpha_scale, cfg.alpha_offset)
             query = zero_borrowed_neuron(query, self.num_groups_local)
         else:
-            pre = self.dms_pre_norm_input
-            if pre is None:
-                raise RuntimeError("DMS adapter needs the pre-norm hidden states: build the layer with "
-                                   "get_gpt_layer_dms_spec (DMSTransformerLayer)")
-            proj, _ = self.dms_alpha_proj(self.dms_alpha_norm(pre))  # [s, b, ng_local]
+            proj, _ = self.dms_alpha_proj(self.dms_alpha_norm(self.adapter_input.get()))  # [s, b, ng_local]
             logits = projection_decision_logits(proj, cfg.alpha_scale, cfg.alpha_offset)
         self.core_attention.channel.send(logits)  # [s, b, ng_local]
         return (query,) + tuple(out[1:])
@@ -244,4 +264,5 @@ class DMSCoreAttention(MegatronModule):
         return out
 
 
-__all__ = ["DMSSelfAttention", "DMSCoreAttention", "DMSTransformerLayer", "DMSAlphaNorm"]
+__all__ = ["DMSSelfAttention", "DMSCoreAttention", "DMSTransformerLayer", "DMSAlphaNorm", "DecisionChannel",
+           "AdapterInput"]
