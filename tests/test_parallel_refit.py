@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from parallel_harness import dump_grads, local_shards
+from parallel_harness import dump_grads
 from refit_fixtures import refit_dict, shared_assets
 
 pytestmark = pytest.mark.parallel
@@ -35,7 +34,7 @@ def assets(tmp_path_factory, megatron_single):
 
 
 def _cfg_dict(assets, tp=1, pp=1, steps=STEPS, sp=False, **dms):
-    d = refit_dict(assets, steps=steps, save_interval=100, warmup_steps=0, lr=LR, min_lr=LR / 10)
+    d = refit_dict(assets, steps=steps, save_interval=100, warmup_steps=0, lr=LR, min_lr=LR / 10, eval_interval=2)
     d["dms"].update(initial_cr=2.0, final_cr=4.0, final_step=steps, **dms)  # compression loss active from step 1
     d["parallel"] = dict(tp=tp, pp=pp, sequence_parallel=sp)
     return d
@@ -111,8 +110,10 @@ def test_layout_matches_one_rank(assets, one_rank, tmp_path, tp, pp, nproc, sp):
     assert [x["step"] for x in b] == list(range(1, STEPS + 1))
     assert any(x["compression_loss"] > 0 for x in a)  # the compression term's gradient is exercised
     keys = ["loss", "kd_loss", "compression_loss", "evicted_fraction"] + [k for k in a[0] if "/layer" in k]
+    evaluated = ["valid/kd_loss", "valid/evicted_fraction", "valid/achieved_cr"]  # the evaluate stage, at step 2
+    assert [[k in x for k in evaluated] for x in a + b] == [[False] * 3, [True] * 3, [False] * 3] * 2
     for x, y in zip(a, b):
-        for k in keys:
+        for k in keys + [k for k in evaluated if k in x]:
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-7), (x["step"], k)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
     for it in range(1, STEPS + 1):

@@ -1,5 +1,6 @@
 """The loop's logged numbers against independent re-computation: the step-1 loss (KL by hand + compression term on
-the same samples), the CR and LR schedules (hand formulas), and gradient accumulation (2 x 2 == 1 x 4)."""
+the same samples), the evaluate stage's held-out numbers (KL by hand and hard decisions counted from the final
+weights), the CR and LR schedules (hand formulas), and gradient accumulation (2 x 2 == 1 x 4)."""
 
 import json
 import math
@@ -115,3 +116,65 @@ def test_gradient_accumulation_equals_one_large_micro_batch(assets, tmp_path):
     for x, y in zip(a, b):
         for k in ("loss", "kd_loss", "compression_loss", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=1e-4), k
+
+
+def test_evaluate_stage_logs_held_out_kl_and_hard_eviction_of_the_current_weights(assets, tmp_path):
+    from dms_megatron.checkpoint import load_model_weights
+    from dms_megatron.data.indexed import build_gpt_datasets, collate
+    from dms_megatron.data.tokenizer import load_tokenizer
+    from dms_megatron.megatron.model import build_gpt_model
+    from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
+
+    cfg = _cfg(assets, eval_interval=2, eval_batches=2)
+    run_refit(cfg, tmp_path, report=False)
+    m = _metrics(tmp_path)
+    assert ["valid/kd_loss" in x for x in m] == [False, True, False, True]  # steps 2 and 4 of 4
+    logged = m[-1]
+    t, mc = cfg.train, cfg.model
+    tok = load_tokenizer(assets["tokenizer"])
+    _, valid_ds = build_gpt_datasets(assets["train"], assets["valid"], t.seq_length, t.seed,
+                                     t.steps * t.global_batch_size, t.eval_batches * t.micro_batch_size,
+                                     tok.eos_token_id, tok.pad_token_id or 0, mc.vocab_size,
+                                     cache_dir=str(tmp_path / "ref-cache"))
+    teacher = build_gpt_model(mc, None, seq_length=t.seq_length)
+    load_model_weights(assets["teacher"], teacher)
+    student = build_gpt_model(mc, cfg.dms, seq_length=t.seq_length)
+    load_model_weights(tmp_path / "checkpoints", student)  # the weights after step 4, the step evaluated last
+    kls, fracs = [], []
+    with torch.no_grad():
+        for first in range(0, t.eval_batches * t.micro_batch_size, t.micro_batch_size):
+            b = collate([valid_ds[i] for i in range(first, first + t.micro_batch_size)])
+            valid = (b["loss_mask"] > 0) | (b["tokens"] == tok.eos_token_id)
+            rt = DMSRuntime(mode="hard")
+            with dms_forward(student, rt):
+                s = student(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
+            tl = teacher(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
+            kls.append(_hand_kl(s, tl, b["loss_mask"].double(), "student_teacher"))
+            # decisions by hand: logit > 0 evicts; per sample over KV heads and non-padding positions, then means
+            per_layer = [((lg > 0).double() * valid[:, None]).sum((1, 2)) / (valid.sum(-1) * lg.shape[1])
+                         for lg in rt.logits.values()]
+            fracs.append(float(torch.stack(per_layer).mean()))
+    frac = sum(fracs) / len(fracs)
+    assert 0 < frac < 1  # some keys evicted, some kept: the comparison is not of two zeros
+    assert logged["valid/kd_loss"] == pytest.approx(sum(kls) / len(kls), rel=1e-4, abs=1e-7)
+    assert logged["valid/evicted_fraction"] == pytest.approx(frac, rel=1e-5)
+    assert logged["valid/achieved_cr"] == pytest.approx(1 / (1 - frac), rel=1e-5)
+
+
+def test_a_longer_resumed_run_decays_its_learning_rate_over_the_new_length(assets, tmp_path):
+    """resume.allow_changes=[train.steps]: the checkpoint gives the step count, the schedule follows the new
+    train.steps (not the checkpointed decay length, which would hold the rate at min_lr)."""
+    run_refit(_cfg(assets, save_interval=STEPS), tmp_path)
+    longer = STEPS + 3
+    d = _cfg(assets, steps=longer, save_interval=STEPS).to_dict()
+    d["resume"]["allow_changes"] = ["train.steps"]
+    from dms_megatron.config import RefitConfig
+
+    run_refit(RefitConfig.from_dict(d), tmp_path)
+    m = _metrics(tmp_path)
+    assert [x["step"] for x in m] == list(range(1, longer + 1))
+    for k in range(STEPS, longer):
+        ratio = (k - WARMUP) / (longer - WARMUP)
+        lr = MIN_LR + 0.5 * (math.cos(math.pi * ratio) + 1) * (LR - MIN_LR)
+        assert m[k]["lr"] == pytest.approx(lr, rel=1e-6), k
+    assert m[STEPS]["lr"] > 1.5 * MIN_LR

@@ -48,6 +48,9 @@ class TrainConfig:
     distributed_optimizer: bool = False
     seed: int = 1234
     save_interval: int = 100
+    # held-out evaluation (KD and CR under inference eviction, logged to metrics.jsonl) every eval_interval steps
+    # over eval_batches micro batches (0 = only the end-of-run report, which uses the same eval_batches)
+    eval_interval: int = 100
     eval_batches: int = 8
     recall_eval_limit: int = 200
     # Initial weights of teacher and student: a megatron checkpoint dir (dms-convert import, a previous run) or a
@@ -67,6 +70,7 @@ class TrainConfig:
                               f"train.micro_batch_size={self.micro_batch_size}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"train.lr={self.lr} / train.min_lr={self.min_lr}: need lr > 0 and 0 <= min_lr <= lr")
+        check_ints(s, self, ("eval_interval",), lo=0)
         for name in ("warmup_steps", "clip_grad", "compression_weight", "weight_decay"):
             if not getattr(self, name) >= 0:
                 fail(s, name, getattr(self, name), "must be >= 0")

@@ -91,7 +91,7 @@ class DistillationStage(MegatronModule):
         runtime.clear()
         with dms_forward(self.student, runtime):
             s_out = self.student(tokens, position_ids, attention_mask)
-        if runtime.mode == "train":
+        if runtime.mode != "teacher":  # train: differentiable fractions; hard: evaluation's inference decisions
             local = stage_fraction_sum(runtime.fractions)
             carry = local if carry is None else carry + local
         if carry is None:

@@ -48,13 +48,16 @@ def build_optimizer(ddp, t_cfg, params_dtype: torch.dtype = torch.float32):
 
 def build_scheduler(optimizer, t_cfg):
     """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``lr_decay_style`` decay to ``min_lr`` at
-    ``steps``. Stepped once per optimizer step."""
+    ``steps``. Stepped once per optimizer step. On resume the checkpoint gives the step count only; the schedule
+    is the run config's (resume refuses other changes, and a ``train.steps`` allowed to grow re-plans the decay over
+    the new length instead of staying at ``min_lr``)."""
     decay_steps = max(1, t_cfg.steps - t_cfg.warmup_steps)
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t_cfg.lr, min_lr=t_cfg.min_lr, lr_warmup_steps=t_cfg.warmup_steps,
         lr_decay_steps=t_cfg.warmup_steps + decay_steps, lr_decay_style=t_cfg.lr_decay_style,
         start_wd=t_cfg.weight_decay, end_wd=t_cfg.weight_decay, wd_incr_steps=t_cfg.steps,
-        wd_incr_style="constant")
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True)
 
 
 __all__ = ["wrap_ddp", "build_optimizer", "build_scheduler", "finalize_grads"]

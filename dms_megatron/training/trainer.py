@@ -6,6 +6,8 @@
   resume      the latest checkpoint of the run dir, if any (model, optimizer, scheduler, RNG, data position)
   data        the train / valid datasets (the same samples on every rank)
   train_step  one optimizer step through megatron-core's forward-backward function (any tp x pp x dp layout)
+  evaluate    every ``eval_interval`` steps: held-out KD and evicted fraction of the student under inference
+              (hard) eviction, forward-only through the same schedule and layout, logged with the step
   checkpoint  an atomic dist-checkpoint of the student (every ``save_interval`` steps, at the end, on preemption)
   report      held-out KL, achieved CR and recall (report.json, refit.png), on one rank
 
@@ -48,6 +50,7 @@ from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_d
 from dms_megatron.training.preemption import Preempted, PreemptionHandler
 from dms_megatron.training.report import write_report
 from dms_megatron.training.weights import check_teacher, load_init_weights
+from dms_megatron.progress import say
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,7 +69,7 @@ class TrainerHooks:
 
 
 class RefitTrainer:
-    def __init__(self, cfg: RefitConfig, run_dir, hooks: Optional[TrainerHooks] = None, log=print):
+    def __init__(self, cfg: RefitConfig, run_dir, hooks: Optional[TrainerHooks] = None, log=say):
         self.cfg, self.run_dir, self.hooks, self.log = cfg, Path(run_dir), hooks or TrainerHooks(), log
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.start = 0
@@ -82,6 +85,8 @@ class RefitTrainer:
         try:
             for step in range(self.start, self.cfg.train.steps):
                 metrics = self.train_step(step)
+                if self.cfg.train.eval_interval and (step + 1) % self.cfg.train.eval_interval == 0:
+                    metrics.update(self.evaluate(step + 1))
                 self.logger.log(metrics)
                 if self.hooks.after_step is not None:
                     self.hooks.after_step(step + 1, metrics)
@@ -167,23 +172,37 @@ class RefitTrainer:
             b["sample_ids"] = torch.tensor(ids)
             yield b
 
-    def forward_step_func(self, step: int, target: float, layer_fracs: list):
-        """megatron's ``forward_step_func`` for one optimizer step: (data_iterator, model) -> (output, loss_func).
-        Appends each micro batch's per-layer evicted fractions to ``layer_fracs``."""
+    def valid_micro_batches(self):
+        """This data-parallel rank's share (at least one) of the first ``train.eval_batches`` held-out micro
+        batches; the same samples under any tp x pp layout."""
+        t = self.cfg.train
+        per_rank = max(1, math.ceil(t.eval_batches / self.dp))
+        n = len(self.valid_ds)
+        for m in range(per_rank):
+            first = (self.dp_rank * per_rank + m) * t.micro_batch_size
+            ids = [i % n for i in range(first, first + t.micro_batch_size)]
+            b = collate([self.valid_ds[i] for i in ids])
+            b["sample_ids"] = torch.tensor(ids)
+            yield b
+
+    def forward_step_func(self, step: int, target: float, layer_fracs: list, mode: str = "train"):
+        """megatron's ``forward_step_func`` for one optimizer step (``mode`` "train") or one evaluation ("hard":
+        inference eviction, no noise): (data_iterator, model) -> (output, loss_func). Appends each micro batch's
+        per-layer evicted fractions to ``layer_fracs``."""
         cfg, mc = self.cfg, self.model_config
 
         def forward_step(data_iterator, model):
             b = next(data_iterator)
             valid = (b["loss_mask"] > 0) | (b["tokens"] == self.inputs.eos_id)
-            rt = DMSRuntime(mode="train", seed=cfg.train.seed, step=step, sample_ids=b["sample_ids"], valid=valid,
+            rt = DMSRuntime(mode=mode, seed=cfg.train.seed, step=step, sample_ids=b["sample_ids"], valid=valid,
                             record_flags=False)
             out = model(b["tokens"], b["position_ids"], None, runtime=rt)
             layer_fracs.append(layer_fraction_vector(rt.fractions, mc.num_layers))
-            return out, lambda output: self.loss(step, output, b["loss_mask"], target)
+            return out, lambda output: self.loss(step, output, b["loss_mask"], target, hooked=mode == "train")
 
         return forward_step
 
-    def loss(self, step: int, output, loss_mask, target: float):
+    def loss(self, step: int, output, loss_mask, target: float, hooked: bool = True):
         """KD + compression loss of one micro batch on the last pipeline stage; (loss, reported values)."""
         s_logits, t_logits, frac_sum = output  # logits [b, s, V/tp]; frac_sum [b] over all stages
         t = self.cfg.train
@@ -191,7 +210,7 @@ class RefitTrainer:
         frac = global_mean_fraction(frac_sum, self.model_config.num_layers, self.tp)
         comp = compression_loss(frac, target)
         loss = kd + t.compression_weight * comp
-        if self.hooks.loss is not None:
+        if hooked and self.hooks.loss is not None:
             loss = self.hooks.loss(step + 1, loss)
         return loss, {"loss": loss.detach().clone(), "kd_loss": kd.detach(), "compression_loss": comp.detach(),
                       "evicted_fraction": frac.detach().mean()}
@@ -225,6 +244,33 @@ class RefitTrainer:
                        achieved_cr_train=1.0 / max(1e-9, 1.0 - metrics["evicted_fraction"]), lr=lr,
                        grad_norm=float(grad_norm or 0.0), tokens_per_s=t.global_batch_size * t.seq_length / dt)
         return metrics
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """Held-out metrics of the student after ``step`` steps, equal on every rank: ``valid/kd_loss`` (KL to the
+        teacher per token with inference eviction), ``valid/evicted_fraction`` and ``valid/achieved_cr`` (hard
+        decisions over all layers, KV heads and non-padding positions)."""
+        t = self.cfg.train
+        batches = list(self.valid_micro_batches())
+        layer_fracs: list = []
+        self.ddp.train(False)
+        try:
+            with cuda_to_cpu_mode():
+                reduced = get_forward_backward_func()(
+                    forward_step_func=self.forward_step_func(step, 0.0, layer_fracs, mode="hard"),
+                    data_iterator=iter(batches), model=[self.ddp], num_microbatches=len(batches),
+                    seq_length=t.seq_length, forward_only=True,
+                    micro_batch_size=pipeline_micro_batch_size(t.micro_batch_size) if self.pp > 1 else
+                    t.micro_batch_size)
+        finally:
+            self.ddp.train(True)
+        m = dp_mean(step_metrics(reduced, sum(layer_fracs) / len(batches), self.tp))
+        out = {"valid/kd_loss": m["kd_loss"], "valid/evicted_fraction": m["evicted_fraction"],
+               "valid/achieved_cr": 1.0 / max(1e-9, 1.0 - m["evicted_fraction"])}
+        if rank() == 0:
+            self.log(f"eval at step {step}: held-out KD {out['valid/kd_loss']:.4f} nats/token, CR "
+                     f"{out['valid/achieved_cr']:.2f} (inference eviction, {len(batches) * self.dp} micro batches)")
+        return out
 
     def checkpoint(self, step: int) -> None:
         extra = {"model_config": asdict(self.model_config), "dms_config": asdict(self.cfg.dms),
