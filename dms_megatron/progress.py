@@ -1,8 +1,17 @@
-"""Rate and time left of a long job, for the progress lines of every command (no dependencies)."""
+"""Rate and time left of a long job, for the progress lines of every command, and stop signals as an exception
+for the steps that must clean up after themselves (no dependencies)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from typing import Tuple
+
+
+def say(message: str) -> None:
+    """A progress line on stdout, flushed (under nohup, SLURM or a pipe it must not wait in a buffer)."""
+    print(message, flush=True)
 
 
 def rate_and_left(done: float, total: float, elapsed: float) -> Tuple[float, float]:
@@ -17,4 +26,38 @@ def fmt_duration(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-__all__ = ["rate_and_left", "fmt_duration"]
+class StopRequested(BaseException):
+    """A stop signal (SIGTERM) arrived during a step that cleans up on the way out (``stop_raises``). Exit status
+    128 + the signal's number, as the shell reports a process that signal killed."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_raises(signals=(signal.SIGTERM,)):
+    """Within the block, the given signals raise ``StopRequested`` (so ``finally`` clauses remove partial output)
+    instead of killing the process; the previous handlers come back afterwards. Main thread only (elsewhere the
+    block runs unchanged: Python delivers signals to the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_stop(signum, frame):
+        raise StopRequested(signum)
+
+    previous = {s: signal.signal(s, raise_stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+__all__ = ["say", "rate_and_left", "fmt_duration", "StopRequested", "stop_raises"]

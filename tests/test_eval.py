@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -137,7 +138,11 @@ def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_
             assert total(budget) >= reads - 1e-6 and (budget == 1 or total(budget - 1) < reads)
     assert (run / "pareto_kv_reads.png").stat().st_size > 0 and (run / "pareto_peak_tokens.png").stat().st_size > 0
     students = sorted(p.name for p in (cache / "students").iterdir())
-    assert len(students) == 2 and all(not n.count(".tmp-") for n in students), students
+    assert len(students) == 2 and all(not n.endswith(".partial") for n in students), students
+    # a progress line per finished method x CR, counting up to the total, with the time left
+    steps = [ln for ln in r.stdout.splitlines() if re.search(r"\[\d+/11\] ", ln)]
+    assert [re.search(r"\[(\d+)/11\]", ln).group(1) for ln in steps] == [str(i) for i in range(1, 12)], r.stdout
+    assert all("elapsed" in ln and "left)" in ln for ln in steps)
     # a second evaluation reuses the cached students (no re-fit) and reproduces the numbers
     run2 = tmp_path / "run2"
     r2 = _launch(_overrides(assets) + ["crs=[2,4]", "methods=[vanilla,dms]", f"hydra.run.dir={run2}"],

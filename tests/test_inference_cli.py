@@ -62,4 +62,8 @@ def test_bad_input_one_line_errors(dirs, capsys, args, message):
 
 def test_missing_directory(tmp_path, capsys):
     assert main(["--hf", str(tmp_path / "none"), "--prompt-ids", "1"]) == 2
-    assert "config.json does not exist" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: --hf {tmp_path / 'none'} does not exist\n"
+    (tmp_path / "empty").mkdir()
+    assert main(["--hf", str(tmp_path / "empty"), "--prompt-ids", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --hf {tmp_path / 'empty'}: ") and "config.json does not exist" in err

@@ -84,7 +84,10 @@ def test_bad_values_fail_in_one_line_before_training(assets, tmp_path, override,
 
 @pytest.mark.parametrize("args,line", [
     (["dms.windw=8"], "error: unknown key 'dms.windw'; did you mean dms.window?"),
-    (["train.train_iters=100"], "error: unknown key 'train.train_iters'"),
+    (["train.train_iters=100"], "error: unknown key 'train.train_iters'; did you mean train.steps?"),
+    (["train.micro_bach_size=2"], "error: unknown key 'train.micro_bach_size'; did you mean train.micro_batch_size?"),
+    (["train.colour=red"], "error: unknown key 'train.colour'\n"),
+    (["training.steps=3"], "error: unknown key 'training.steps'; did you mean train.steps?"),
     (["train.steps=abc"], "error: train.steps=abc is invalid: must be integer"),
     (["model=qwen3_8b"], "error: model=qwen3_8b is not a preset; did you mean model=qwen3-8b?"),
     (["-m", "dms.final_cr=2,4", "dms.windw=8"], "error: unknown key 'dms.windw'; did you mean dms.window?"),
@@ -92,7 +95,7 @@ def test_bad_values_fail_in_one_line_before_training(assets, tmp_path, override,
 def test_hydra_errors_are_one_line_with_a_suggestion(tmp_path, args, line):
     r = _launch(args + [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), r.stderr[-2000:]
+    assert r.returncode == 2 and len(lines) == 1 and (lines[0] + "\n").startswith(line), r.stderr[-2000:]
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 

@@ -7,9 +7,11 @@ directory that is renamed into place once complete, and the tracker file is repl
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
+import resource
 import shutil
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -86,12 +88,17 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
         common["scheduler"] = scheduler.state_dict()
     state["common"] = common
     _use_in_process_results_queue()
+    writer_log = logging.getLogger(filesystem_async.__name__)
+    level = writer_log.level
+    writer_log.setLevel(logging.CRITICAL)  # its error line would repeat the one CheckpointError below
     try:
         dist_checkpointing.save(state, str(tmp))
     except (Exception, DCPException) as e:  # noqa: BLE001 - disk full, file-size limit, ...: one line, no partial
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"writing checkpoint {final} failed: {_reason(e)}") from e
+        raise CheckpointError(f"writing checkpoint {final} failed: {_reason(e)}{write_limits(save_dir)}") from e
+    finally:
+        writer_log.setLevel(level)
     _barrier()
     if rank() == 0:
         if final.exists():
@@ -154,6 +161,21 @@ def _reason(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     msg = lines[-1] if isinstance(e, DCPException) and lines else " ".join(lines)
     return f"{type(e).__name__}: {msg[:400]}"
+
+
+def write_limits(directory: Path) -> str:
+    """What may explain a failed write, for its one-line error (torch's writer reports a refused write only as
+    "unexpected pos"): the process's file-size limit and the free space of ``directory``'s file system."""
+    notes = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        notes.append(f"this process may write files of at most {soft:,} bytes (ulimit -f)")
+    try:
+        free = shutil.disk_usage(directory).free
+        notes.append(f"{free / 2**30:.2f} GiB free on {directory}'s file system")
+    except OSError:
+        pass
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def damaged_files(d: Path) -> List[str]:

@@ -100,7 +100,9 @@ def import_checkpoint(hf_dir, megatron_path, *, tp: int = 1, pp: int = 1, dtype:
     except (OSError, CheckpointError) as e:  # disk full, file-size limit: one line, nothing left behind
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise ConversionError(f"writing {out} failed: {e}") from e
+        if isinstance(e, OSError):
+            raise ConversionError(f"writing {out} failed: {e.strerror or e} ({e.filename or tmp})") from e
+        raise ConversionError(f"importing into {out} failed: {e}") from e
     except BaseException:
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)

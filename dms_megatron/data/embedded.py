@@ -29,6 +29,7 @@ from dms_megatron.data.corpus import stdlib_texts
 from dms_megatron.data.indexed import write_indexed
 from dms_megatron.data.recall import TASKS, RecallTask, filler_from
 from dms_megatron.data.tokenizer import load_tokenizer
+from dms_megatron.progress import fmt_duration, rate_and_left, say, stop_raises
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 TEACHER = "tiny_teacher"
@@ -144,26 +145,22 @@ def _documents(tok, stream: List[int], task: RecallTask, recall_docs: int, seq: 
 
 
 def ensure_refit_data(recall: str = "mqar", seq_length: int = 256, cache_dir: Optional[str] = None,
-                      log: Callable[[str], None] = print) -> RefitData:
+                      log: Callable[[str], None] = say) -> RefitData:
     """The embedded default's re-fit inputs, building the indexed datasets once (a few seconds) into the cache."""
     teacher = verify_teacher()
     root = cache_root(cache_dir) / f"{DATA_VERSION}-{recall}-{seq_length}-{sha256(checksums_of(teacher))[:12]}"
     data = RefitData(teacher, teacher, str(root / "train"), str(root / "valid"), heldout_file(teacher, recall))
     if (root / "done").is_file():
         return data
-    with file_lock(root.with_name(root.name + ".lock"), "the re-fit data build", log):
+    with file_lock(root.with_name(root.name + ".lock"), "the re-fit data build", log), stop_raises():
         if (root / "done").is_file():
             return data
+        for stale in root.parent.glob(root.name + ".tmp-*"):  # left by a build that was killed (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         t0, tmp = time.time(), root.with_name(root.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            tok = load_tokenizer(teacher)
-            task = RecallTask(tok, TASKS[recall])
-            for name, split, chars, n, seed in (("train", "train", TEXT_CHARS, 12_000, 1),
-                                                 ("valid", "heldout", HELDOUT_CHARS, 400, 2)):
-                docs = _documents(tok, text_ids(tok, split, chars), task, n, seq_length, seed)
-                write_indexed(tmp / name, docs, len(tok))
+            _build_refit_data(tmp, teacher, recall, seq_length, log)
             (tmp / "done").write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
             shutil.rmtree(root, ignore_errors=True)
             os.replace(tmp, root)
@@ -171,6 +168,27 @@ def ensure_refit_data(recall: str = "mqar", seq_length: int = 256, cache_dir: Op
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"re-fit data built in {root} ({time.time() - t0:.0f} s)")
     return data
+
+
+#: the two splits of the re-fit data: name, corpus split, text characters, recall documents, seed
+SPLITS = (("train", "train", TEXT_CHARS, 12_000, 1), ("valid", "heldout", HELDOUT_CHARS, 400, 2))
+
+
+def _build_refit_data(out: Path, teacher: Path, recall: str, seq_length: int, log: Callable[[str], None]) -> None:
+    """Both splits into ``out``, a progress line (rate, time left) after each; the work is about proportional to
+    the characters tokenised."""
+    tok = load_tokenizer(teacher)
+    task = RecallTask(tok, TASKS[recall])
+    total, done, t0 = sum(s[2] for s in SPLITS), 0, time.time()
+    log(f"building the re-fit data once ({total / 1e6:.1f}M characters of stdlib text + recall documents, "
+        f"seconds) into {out.parent}")
+    for name, split, chars, n, seed in SPLITS:
+        docs = _documents(tok, text_ids(tok, split, chars), task, n, seq_length, seed)
+        write_indexed(out / name, docs, len(tok))
+        done += chars
+        rate, left = rate_and_left(done, total, time.time() - t0)
+        log(f"re-fit data: {name} split ({len(docs):,} documents) ready, {done / total:.0%} at "
+            f"{rate / 1e3:.0f}k characters/s, {fmt_duration(left)} left")
 
 
 def read_heldout_text(path: Path, count: int, length: int) -> List[List[int]]:

@@ -48,23 +48,28 @@ def _panel(ax, results: Dict[str, dict], x_key: str, y_key: str, xlabel: str, yl
     ax.legend(fontsize=8)
 
 
+def pareto_figure(results: dict, x_key: str, kl_x_key: str, label: str, title: Optional[str] = None):
+    """The figure of one x axis: [recall panel,] KL panel. Returns the matplotlib figure (caller closes it)."""
+    has_recall = any("recall_acc" in m for per_cr in results.values() for m in per_cr.values())
+    fig, axes = plt.subplots(1, 2 if has_recall else 1, figsize=(11.5 if has_recall else 6.5, 4.5), squeeze=False)
+    if has_recall:
+        _panel(axes[0][0], results, x_key, "recall_acc", label + " (recall task)",
+               "recall accuracy (higher is better)")
+    kl_ax = axes[0][-1]
+    _panel(kl_ax, results, kl_x_key, "kl", label + " (held-out text)", "KL to teacher, nats/token (lower is better)")
+    kl_ax.set_yscale("symlog", linthresh=1e-3)
+    kl_ax.yaxis.set_major_formatter(FuncFormatter(short_number))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def pareto_plots(results: dict, out_dir: Path, title: Optional[str] = None) -> List[Path]:
     """Writes pareto_kv_reads.png and pareto_peak_tokens.png; returns the paths."""
-    has_recall = any("recall_acc" in m for per_cr in results.values() for m in per_cr.values())
     paths = []
     for x_key, kl_x_key, label in AXES:
-        fig, axes = plt.subplots(1, 2 if has_recall else 1, figsize=(11.5 if has_recall else 6.5, 4.5),
-                                 squeeze=False)
-        if has_recall:
-            _panel(axes[0][0], results, x_key, "recall_acc", label + " (recall task)",
-                   "recall accuracy (higher is better)")
-        kl_ax = axes[0][-1]
-        _panel(kl_ax, results, kl_x_key, "kl", label + " (held-out text)", "KL to teacher, nats/token (lower is better)")
-        kl_ax.set_yscale("symlog", linthresh=1e-3)
-        kl_ax.yaxis.set_major_formatter(FuncFormatter(short_number))
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
+        fig = pareto_figure(results, x_key, kl_x_key, label, title)
         path = Path(out_dir) / f"pareto_{x_key}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -72,4 +77,4 @@ def pareto_plots(results: dict, out_dir: Path, title: Optional[str] = None) -> L
     return paths
 
 
-__all__ = ["pareto_plots", "short_number"]
+__all__ = ["pareto_plots", "pareto_figure", "short_number", "AXES"]

@@ -80,8 +80,14 @@ def _prompts(args, tok) -> List[List[int]]:
 def run(args) -> dict:
     press_name = args.press
     want_dms = press_name == "dms"
-    model = (load_hf(args.hf, require_dms=want_dms) if args.hf
-             else load_megatron(args.megatron, iteration=args.iteration, require_dms=want_dms))
+    flag, path = ("--hf", args.hf) if args.hf else ("--megatron", args.megatron)
+    if not Path(path).exists():
+        raise ConfigError(f"{flag} {path} does not exist")
+    try:
+        model = (load_hf(args.hf, require_dms=want_dms) if args.hf
+                 else load_megatron(args.megatron, iteration=args.iteration, require_dms=want_dms))
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise ConfigError(f"{flag} {path}: {e}") from None
     if press_name is None:
         press_name = "dms" if model.decides else "vanilla"
     tok = _tokenizer(args)

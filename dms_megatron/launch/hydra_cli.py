@@ -12,7 +12,7 @@ import difflib
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, List, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -65,6 +65,34 @@ def schema_keys(cls, prefix: str = "") -> List[str]:
     return keys
 
 
+#: Megatron-LM / NeMo argument names a user may type, and this schema's key for each
+MEGATRON_NAMES = {
+    "train_iters": "train.steps", "lr_warmup_iters": "train.warmup_steps", "warmup_iters": "train.warmup_steps",
+    "max_steps": "train.steps", "seq_len": "train.seq_length", "encoder_seq_length": "train.seq_length",
+    "max_seq_length": "train.seq_length", "micro_batch": "train.micro_batch_size",
+    "load": "train.init_checkpoint", "pretrained_checkpoint": "train.init_checkpoint",
+    "bf16": "train.precision", "fp16": "train.precision", "use_distributed_optimizer": "train.distributed_optimizer",
+    "tensor_model_parallel_size": "parallel.tp", "pipeline_model_parallel_size": "parallel.pp",
+    "data_path": "data.train_prefix", "tokenizer_model": "data.tokenizer", "log_interval": "logging.log_interval",
+}
+
+
+def suggest_key(key: str, keys: Iterable[str]) -> Optional[str]:
+    """The schema key meant by an unknown ``key``: its Megatron-LM name, else the closest name in the same section,
+    else the same name in the closest section (None if nothing is close)."""
+    keys = list(keys)
+    section, _, leaf = key.rpartition(".")
+    if leaf in MEGATRON_NAMES:
+        return MEGATRON_NAMES[leaf]
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+    near = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.7)
+    if near:
+        return siblings[near[0]]
+    same_leaf = {k.rpartition(".")[0]: k for k in keys if k.rpartition(".")[2] == leaf}
+    near = difflib.get_close_matches(section, list(same_leaf), n=1, cutoff=0.5)
+    return same_leaf[near[0]] if near else None
+
+
 def explain(e: Exception, keys: Iterable[str]) -> str:
     """One line for a Hydra / OmegaConf composition error, with the closest valid key or group option."""
     text = "\n".join(str(x) for x in (e, e.__cause__) if x is not None)  # Hydra wraps OmegaConf's reason
@@ -85,8 +113,8 @@ def explain(e: Exception, keys: Iterable[str]) -> str:
         hint = f"did you mean {group.group(1)}={near[0]}? " if near else ""
         return f"{group.group(1)}={group.group(2)} is not a preset; {hint}(available: {', '.join(options)})"
     if "not in" in text or "Could not override" in text or "Could not append" in text:
-        near = difflib.get_close_matches(key or "", list(keys), n=1, cutoff=0.5)
-        return f"unknown key {key!r}" + (f"; did you mean {near[0]}?" if near else "")
+        near = suggest_key(key or "", keys)
+        return f"unknown key {key!r}" + (f"; did you mean {near}?" if near else "")
     return f"{first}" + (f" ({key})" if key and key not in first else "")
 
 

@@ -2,14 +2,16 @@
 
 Each rank is ``python -m dms_megatron.launch.worker --run-dir RUN`` with RANK / LOCAL_RANK / WORLD_SIZE /
 LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, as torchrun or srun would. Unlike torchrun, this keeps the
-workers' own exit status (4 = preempted, 2 = bad input) and lets every rank see Ctrl-C itself: the ranks share the
-launcher's terminal process group, so one Ctrl-C reaches all of them at once and each checkpoints at the same step
-boundary; the launcher only waits. If a rank fails, the others are terminated (SIGTERM, then SIGKILL) and the first
-failure's status is returned.
+workers' own exit status (4 = preempted, 2 = bad input). The ranks run in a process group of their own and the
+launcher forwards every stop signal it receives (SIGINT from Ctrl-C or ``kill -INT``, SIGTERM from a scheduler or
+``kill``, SIGUSR1) to each of them exactly once, so they all checkpoint at the same step boundary and a second
+Ctrl-C aborts them; a rank whose launcher dies gets SIGTERM (Linux parent-death signal) and checkpoints too. If a
+rank fails, the others are terminated (SIGTERM, then SIGKILL) and the first failure's status is returned.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -44,12 +46,32 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
             p.wait()
 
 
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def _rank_preexec() -> None:
+    """In the child before exec: a process group of its own (a terminal's Ctrl-C then reaches the launcher only,
+    which forwards it once), and SIGTERM when the launcher dies (PR_SET_PDEATHSIG; Linux only)."""
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_local_ranks(run_dir: Path, world: int) -> int:
     """Run ``world`` worker ranks on this machine until all finish; returns the job's exit status."""
     port = free_port()
     cmd = [sys.executable, "-m", "dms_megatron.launch.worker", "--run-dir", str(run_dir)]
-    procs: List[subprocess.Popen] = [subprocess.Popen(cmd, env=rank_env(r, world, port)) for r in range(world)]
-    previous = signal.signal(signal.SIGINT, lambda *a: None)  # the ranks handle Ctrl-C; the launcher waits
+    procs: List[subprocess.Popen] = [subprocess.Popen(cmd, env=rank_env(r, world, port), preexec_fn=_rank_preexec)
+                                     for r in range(world)]
+
+    def forward(signum, frame) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -66,7 +88,8 @@ def run_local_ranks(run_dir: Path, world: int) -> int:
                 return 0
             time.sleep(0.2)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
         if any(p.poll() is None for p in procs):
             _stop(procs)
 

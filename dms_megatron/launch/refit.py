@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -24,6 +25,7 @@ from dms_megatron.config import ConfigError, RefitConfig
 from dms_megatron.launch.hydra_cli import fail, run_hydra
 from dms_megatron.launch.local import run_local_ranks
 from dms_megatron.megatron.distributed import validate_model_layout
+from dms_megatron.progress import StopRequested
 from dms_megatron.training.entry import run_rank
 from dms_megatron.training.inputs import RunInputs
 from dms_megatron.training.preemption import ABORTED_EXIT_CODE
@@ -52,12 +54,37 @@ def check_run(cfg: RefitConfig, run_dir: Path) -> None:
     check_resume(run_dir, cfg)
 
 
+def given_run_dir(argv) -> Optional[Path]:
+    """The run dir of a single run when the command line names it (``hydra.run.dir=DIR``); None for a sweep or a
+    new timestamped dir (which holds no earlier run)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    return Path(dirs[-1]) if dirs else None
+
+
+def preflight_check(d: dict) -> RefitConfig:
+    """The checks of ``check_run`` on the composed command line, before Hydra makes the run dir or writes into it:
+    a bad input or a refused resume leaves nothing on disk (no ``.hydra/``, no log)."""
+    cfg = RefitConfig.from_dict(d)
+    run_dir = given_run_dir(sys.argv[1:])
+    if run_dir is None:
+        RunInputs.resolve(cfg, build=False)
+        check_layout(cfg)
+    else:
+        check_run(cfg, run_dir)
+    return cfg
+
+
 def _task(dcfg) -> None:
     try:
         _run(dcfg)
     except KeyboardInterrupt:  # Ctrl-C while the launcher itself works (checks, the embedded data build)
         print("aborted by Ctrl-C before training started: nothing was written but the run config", file=sys.stderr)
         sys.exit(ABORTED_EXIT_CODE)
+    except StopRequested as e:  # SIGTERM during the embedded data build (its partial output is removed)
+        print(f"{e} before training started: nothing was written but the run config", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def _run(dcfg) -> None:
@@ -99,7 +126,7 @@ def main() -> None:
         sys.argv.remove(PREPARE_ONLY_FLAG)
         _prepare_only = True
     os.environ.setdefault("WANDB_MODE", "offline")
-    run_hydra("refit", RefitConfig, lambda d: check_layout(RefitConfig.from_dict(d)), _task)
+    run_hydra("refit", RefitConfig, preflight_check, _task)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from dms_megatron.training.preemption import ABORTED_EXIT_CODE, PREEMPTED_EXIT_C
 from dms_megatron.training.report import format_report
 from dms_megatron.training.run_config import CONFIG
 from dms_megatron.megatron.distributed import rank
+from dms_megatron.progress import StopRequested
 from dms_megatron.training.trainer import RefitTrainer, TrainerHooks, TrainingDiverged
 
 DIVERGED_EXIT_CODE = 3
@@ -65,6 +66,9 @@ def run_rank(run_dir: Path, fault: Optional[str] = None) -> int:
     except Preempted as e:  # stop signal: checkpoint saved, not finished; a batch script requeues
         print(str(e), flush=True)
         return PREEMPTED_EXIT_CODE
+    except StopRequested as e:  # SIGTERM while the embedded data was built (removed again)
+        print(f"{e} before training started: nothing was written but the run config", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
         if rank() == 0:
             print(f"aborted by Ctrl-C: the last saved checkpoint in {Path(run_dir) / 'checkpoints'} (if any) stays; "

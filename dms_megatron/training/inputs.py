@@ -20,6 +20,7 @@ from dms_megatron.data.embedded import AssetError, ensure_refit_data, heldout_fi
 from dms_megatron.data.indexed import build_gpt_datasets, check_prefix, max_token_id
 from dms_megatron.data.recall import read_items
 from dms_megatron.data.tokenizer import load_tokenizer
+from dms_megatron.progress import say
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RunInputs:
                                   cache_dir=None if cfg.embedded else str(Path(run_dir) / "data-cache"))
 
     @classmethod
-    def resolve(cls, cfg: RefitConfig, build: bool = True, log=print) -> "RunInputs":
+    def resolve(cls, cfg: RefitConfig, build: bool = True, log=say) -> "RunInputs":
         """One-line ConfigError for anything missing or inconsistent."""
         try:
             return cls._resolve(cfg, build, log)

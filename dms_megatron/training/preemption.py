@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dms_megatron.megatron.distributed import rank
+
 #: Worker exit status after a preemption stop: the checkpoint of the last completed step is saved, the run is not
 #: finished (no report.json). 0 = finished, 2 = configuration/input error, 3 = diverged (NaN loss), 4 = preempted,
 #: 130 = aborted by a second Ctrl-C.
@@ -86,8 +88,9 @@ class PreemptionHandler:
             signal.raise_signal(signum)
             return
         self.received.append(name)
-        hint = " (Ctrl-C again to abort without it)" if signum == signal.SIGINT else ""
-        print(f"received {name}: will checkpoint and stop after the current step{hint}", flush=True)
+        if rank() == 0:  # every rank got it; one acknowledgement for the job
+            hint = " (Ctrl-C again to abort without it)" if signum == signal.SIGINT else ""
+            print(f"received {name}: will checkpoint and stop after the current step{hint}", flush=True)
 
     def requested(self) -> bool:
         """True on every rank iff any rank has received a stop signal. Collective when distributed: call it at the

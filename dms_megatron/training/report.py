@@ -25,22 +25,41 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 
-def plot_run(history: List[dict], path: Path, title: str) -> None:
-    """Target vs achieved CR and the two losses over the steps of a run."""
+def run_figure(history: List[dict], title: str):
+    """Target vs achieved CR (training decisions, and the evaluate stage's held-out inference eviction where it ran)
+    and the losses over the steps of a run. Returns the matplotlib figure (caller closes it)."""
     steps = [h["step"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
     a.plot(steps, [h["target_cr"] for h in history], label="target CR")
     a.plot(steps, [h["achieved_cr_train"] for h in history], label="achieved CR (train decisions)")
+    evals = [h for h in history if "valid/achieved_cr" in h]
+    if evals:
+        a.plot([h["step"] for h in evals], [h["valid/achieved_cr"] for h in evals], "o",
+               label="held-out CR (inference eviction)")
     a.set_xlabel("step")
     a.set_ylabel("compression ratio")
-    a.legend()
+    a.legend(fontsize=8)
     b.plot(steps, [h["kd_loss"] for h in history], label="KD loss (nats/token)")
     b.plot(steps, [h["compression_loss"] for h in history], label="compression loss")
+    if evals:
+        b.plot([h["step"] for h in evals], [h["valid/kd_loss"] for h in evals], "o", label="held-out KD")
     b.set_xlabel("step")
     b.set_yscale("symlog", linthresh=1e-4)  # the compression loss is exactly 0 once the target is met
-    b.legend()
-    fig.suptitle(title)
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def run_title(run_dir: Path, cfg: RefitConfig, achieved_cr: float) -> str:
+    mc, d, t = cfg.model, cfg.dms, cfg.train
+    model = f"{mc.family} {mc.num_layers}L x {mc.hidden_size}"
+    return (f"{Path(run_dir).resolve().name}: {model}, target CR {d.final_cr:g}, window {d.window}, "
+            f"{d.alpha_source}, {t.mode} re-fit, {t.steps} steps, LR {t.lr:g} -> held-out CR {achieved_cr:.2f}")
+
+
+def plot_run(history: List[dict], path: Path, title: str) -> None:
+    fig = run_figure(history, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -65,9 +84,7 @@ def write_report(run_dir: Path, cfg: RefitConfig, inputs: RunInputs, student, te
     if history:
         report["final_train"] = {k: history[-1][k] for k in ("kd_loss", "compression_loss", "evicted_fraction",
                                                               "target_fraction")}
-        title = (f"{Path(run_dir).resolve().name}: target CR {d.final_cr:g}, window {d.window}, {d.alpha_source}, "
-                 f"{t.mode} re-fit, {t.steps} steps -> achieved CR {m['achieved_cr']:.2f}")
-        plot_run(history, Path(run_dir) / "refit.png", title)
+        plot_run(history, Path(run_dir) / "refit.png", run_title(run_dir, cfg, m["achieved_cr"]))
     Path(run_dir, "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -106,4 +123,4 @@ def report_from_checkpoint(run_dir: Path) -> dict:
         destroy_process_groups()
 
 
-__all__ = ["write_report", "report_from_checkpoint", "plot_run", "read_history", "format_report"]
+__all__ = ["write_report", "report_from_checkpoint", "plot_run", "run_figure", "run_title", "read_history", "format_report"]
