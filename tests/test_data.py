@@ -180,3 +180,16 @@ def test_corpus_split_is_by_file_and_disjoint():
     assert train and held and not train & held
     assert 0.02 < len(held) / (len(train) + len(held)) < 0.1
     assert split_of("json/decoder.py") == split_of("json/decoder.py")  # a pure function of the relative path
+
+
+@pytest.mark.parametrize("vocab", [300, 70_000])  # uint16 and int32 storage
+def test_max_token_id_is_the_largest_stored_id(tmp_path, vocab):
+    from dms_megatron.data.indexed import max_token_id, write_indexed
+
+    rng = random.Random(vocab)
+    docs = [[rng.randrange(vocab - 1) for _ in range(rng.randrange(1, 50))] for _ in range(40)]
+    docs[17][3:3] = [vocab - 1]  # the largest id, inside a document in the middle
+    write_indexed(tmp_path / "d", docs, vocab)
+    assert max_token_id(tmp_path / "d") == vocab - 1 == max(max(d) for d in docs)
+    write_indexed(tmp_path / "d", docs[:17], vocab)  # rewritten: the remembered answer does not outlive the file
+    assert max_token_id(tmp_path / "d") == max(max(d) for d in docs[:17]) < vocab - 1

@@ -2,6 +2,7 @@
 inside the package (a wheel works without the source checkout), and a torch requirement an existing CUDA PyTorch
 (an NGC container) already satisfies; the CPU wheel comes from the `cpu` extra."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -34,3 +35,19 @@ def test_wheel_carries_the_configs_and_the_teacher(tmp_path):
     teacher = ROOT / "dms_megatron" / "assets" / "tiny_teacher"
     shipped = {p.relative_to(ROOT).as_posix() for p in teacher.rglob("*") if p.is_file()}
     assert shipped and shipped <= names and "dms_megatron/assets/tiny_teacher.sha256" in names
+
+    # installed from the wheel alone (no checkout on the path), the launcher finds its configs and teacher
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(site), WANDB_MODE="disabled")
+    where = subprocess.run([sys.executable, "-c", "import dms_megatron; print(dms_megatron.__file__)"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert where.stdout.strip().startswith(str(site)), where
+    run = subprocess.run([sys.executable, "-m", "dms_megatron.launch.refit", "--prepare-only", "parallel=dp2",
+                          f"hydra.run.dir={tmp_path / 'run'}"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "run" / "config.yaml").is_file()

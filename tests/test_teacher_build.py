@@ -77,3 +77,30 @@ def test_a_short_build_is_bit_reproducible_and_verified(tmp_path, monkeypatch, m
     with pytest.raises(AssetError, match=r"incomplete: .*heldout/.* is missing; rebuild it with python tools/"):
         verify_teacher(outs[1])
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_stopping_the_teacher_build_is_one_line_and_writes_nothing(tmp_path, sig):
+    """Ctrl-C (or SIGTERM) while tools/build_tiny_teacher.py pre-trains: exit 130, one line, no partial assets."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    small = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import dms_megatron.training.teacher_build as tb; "
+             "tb.TEXT_CHARS, tb.HELDOUT_CHARS = 200_000, 60_000; import build_tiny_teacher as b; "
+             "sys.exit(b.main(sys.argv[1:]))")
+    out = tmp_path / "teacher"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-c", small, str(root / "tools"), "--out", str(out), "--steps",
+                             "100000"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "pre-training 100000 steps" in line:
+            break
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == [f"[teacher] interrupted: nothing written to {out}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

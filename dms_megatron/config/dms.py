@@ -30,7 +30,7 @@ class DMSConfig:
         at final_step (constant after). The target evicted fraction is 1 - 1/CR.
     """
 
-    window: int = 16
+    window: int = 32
     alpha_source: str = "adapter"
     alpha_per: str = "head"
     alpha_scale: float = 100.0

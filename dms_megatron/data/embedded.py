@@ -180,8 +180,8 @@ def _build_refit_data(out: Path, teacher: Path, recall: str, seq_length: int, lo
     tok = load_tokenizer(teacher)
     task = RecallTask(tok, TASKS[recall])
     total, done, t0 = sum(s[2] for s in SPLITS), 0, time.time()
-    log(f"building the re-fit data once ({total / 1e6:.1f}M characters of stdlib text + recall documents, "
-        f"seconds) into {out.parent}")
+    log(f"building the re-fit data once into {out.parent}: {total / 1e6:.1f}M characters of stdlib text + recall "
+        f"documents (seconds)")
     for name, split, chars, n, seed in SPLITS:
         docs = _documents(tok, text_ids(tok, split, chars), task, n, seq_length, seed)
         write_indexed(out / name, docs, len(tok))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -40,9 +41,20 @@ def check_prefix(prefix: str | Path, what: str = "data prefix") -> str:
 
 
 def max_token_id(prefix: str | Path) -> int:
-    """Largest token id stored in an indexed dataset (to check it against the model's vocabulary)."""
-    ds = IndexedDataset(check_prefix(prefix))
-    return int(max(int(np.max(ds[i])) for i in range(len(ds))))
+    """Largest token id stored in an indexed dataset (to check it against the model's vocabulary): one vectorised
+    pass over the memory-mapped .bin (about a GB/s), remembered per file version within a process (the launcher's
+    pre-flight and its run both ask)."""
+    prefix = check_prefix(prefix)
+    st = Path(f"{prefix}.bin").stat()
+    return _max_token_id(str(prefix), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _max_token_id(prefix: str, size: int, mtime_ns: int) -> int:
+    dtype = IndexedDataset(prefix).index.dtype
+    data = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
+    chunk = 1 << 26
+    return max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=0)
 
 
 def build_gpt_datasets(train_prefix, valid_prefix, seq_length: int, seed: int, num_train_samples: int,
