@@ -37,6 +37,27 @@ def _metrics(run_dir):
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
+def _reference(assets, cfg, tmp_path, student_weights):
+    """What the checks recompute from: tokenizer, the run's train / valid datasets, the teacher and a student with
+    ``student_weights``, built independently of the trainer."""
+    from dms_megatron.checkpoint import load_model_weights
+    from dms_megatron.data.indexed import build_gpt_datasets
+    from dms_megatron.data.tokenizer import load_tokenizer
+    from dms_megatron.megatron.model import build_gpt_model
+
+    t, mc = cfg.train, cfg.model
+    tok = load_tokenizer(assets["tokenizer"])
+    train_ds, valid_ds = build_gpt_datasets(assets["train"], assets["valid"], t.seq_length, t.seed,
+                                            t.steps * t.global_batch_size, t.eval_batches * t.micro_batch_size,
+                                            tok.eos_token_id, tok.pad_token_id or 0, mc.vocab_size,
+                                            cache_dir=str(tmp_path / "ref-cache"))
+    teacher = build_gpt_model(mc, None, seq_length=t.seq_length)
+    load_model_weights(assets["teacher"], teacher)
+    student = build_gpt_model(mc, cfg.dms, seq_length=t.seq_length)
+    load_model_weights(student_weights, student)
+    return tok, train_ds, valid_ds, teacher, student
+
+
 def _hand_kl(student_logits, teacher_logits, mask, direction):
     """sum_v p(v) (log p(v) - log q(v)) per token, p = student for KL(student||teacher); mean over mask==1."""
     ls = student_logits.double().log_softmax(-1)
@@ -48,9 +69,7 @@ def _hand_kl(student_logits, teacher_logits, mask, direction):
 
 @pytest.mark.parametrize("direction", ["student_teacher", "teacher_student"])
 def test_first_step_loss_matches_hand_computation(assets, tmp_path, direction):
-    from dms_megatron.data.indexed import build_gpt_datasets, collate
-    from dms_megatron.megatron.model import build_gpt_model
-    from dms_megatron.checkpoint import load_model_weights
+    from dms_megatron.data.indexed import collate
     from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
     cfg = _cfg(assets, kd_direction=direction)
@@ -58,17 +77,7 @@ def test_first_step_loss_matches_hand_computation(assets, tmp_path, direction):
     logged = _metrics(tmp_path)[0]
 
     t, mc = cfg.train, cfg.model
-    from dms_megatron.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(assets["tokenizer"])
-    train_ds, _ = build_gpt_datasets(assets["train"], assets["valid"], t.seq_length, t.seed,
-                                     t.steps * t.global_batch_size, t.eval_batches * t.micro_batch_size,
-                                     tok.eos_token_id, tok.pad_token_id or 0, mc.vocab_size,
-                                     cache_dir=str(tmp_path / "ref-cache"))
-    teacher = build_gpt_model(mc, None, seq_length=t.seq_length)
-    load_model_weights(assets["teacher"], teacher)
-    student = build_gpt_model(mc, cfg.dms, seq_length=t.seq_length)
-    load_model_weights(assets["teacher"], student)
+    tok, train_ds, _, teacher, student = _reference(assets, cfg, tmp_path, assets["teacher"])
     target_frac = 1 - 1 / INITIAL_CR  # step 0 of the schedule
     kds, comps = [], []
     with torch.no_grad():
@@ -119,10 +128,7 @@ def test_gradient_accumulation_equals_one_large_micro_batch(assets, tmp_path):
 
 
 def test_evaluate_stage_logs_held_out_kl_and_hard_eviction_of_the_current_weights(assets, tmp_path):
-    from dms_megatron.checkpoint import load_model_weights
-    from dms_megatron.data.indexed import build_gpt_datasets, collate
-    from dms_megatron.data.tokenizer import load_tokenizer
-    from dms_megatron.megatron.model import build_gpt_model
+    from dms_megatron.data.indexed import collate
     from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
     cfg = _cfg(assets, eval_interval=2, eval_batches=2)
@@ -131,15 +137,8 @@ def test_evaluate_stage_logs_held_out_kl_and_hard_eviction_of_the_current_weight
     assert ["valid/kd_loss" in x for x in m] == [False, True, False, True]  # steps 2 and 4 of 4
     logged = m[-1]
     t, mc = cfg.train, cfg.model
-    tok = load_tokenizer(assets["tokenizer"])
-    _, valid_ds = build_gpt_datasets(assets["train"], assets["valid"], t.seq_length, t.seed,
-                                     t.steps * t.global_batch_size, t.eval_batches * t.micro_batch_size,
-                                     tok.eos_token_id, tok.pad_token_id or 0, mc.vocab_size,
-                                     cache_dir=str(tmp_path / "ref-cache"))
-    teacher = build_gpt_model(mc, None, seq_length=t.seq_length)
-    load_model_weights(assets["teacher"], teacher)
-    student = build_gpt_model(mc, cfg.dms, seq_length=t.seq_length)
-    load_model_weights(tmp_path / "checkpoints", student)  # the weights after step 4, the step evaluated last
+    # the student's weights after step 4, the step evaluated last
+    tok, _, valid_ds, teacher, student = _reference(assets, cfg, tmp_path, tmp_path / "checkpoints")
     kls, fracs = [], []
     with torch.no_grad():
         for first in range(0, t.eval_batches * t.micro_batch_size, t.micro_batch_size):
