@@ -53,6 +53,14 @@ from dms_megatron.training.weights import check_teacher, load_init_weights
 from dms_megatron.progress import say
 
 
+def _batch(ds, ids) -> dict:
+    """One micro batch of dataset items ``ids``; its sample ids (the Gumbel noise keys) are the global indices."""
+    ids = list(ids)
+    b = collate([ds[i] for i in ids])
+    b["sample_ids"] = torch.tensor(ids)
+    return b
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
@@ -167,10 +175,7 @@ class RefitTrainer:
         per_rank = t.global_batch_size // self.dp
         first = step * t.global_batch_size + self.dp_rank * per_rank
         for m in range(per_rank // t.micro_batch_size):
-            ids = list(range(first + m * t.micro_batch_size, first + (m + 1) * t.micro_batch_size))
-            b = collate([self.train_ds[i] for i in ids])
-            b["sample_ids"] = torch.tensor(ids)
-            yield b
+            yield _batch(self.train_ds, range(first + m * t.micro_batch_size, first + (m + 1) * t.micro_batch_size))
 
     def valid_micro_batches(self):
         """This data-parallel rank's share (at least one) of the first ``train.eval_batches`` held-out micro
@@ -180,10 +185,17 @@ class RefitTrainer:
         n = len(self.valid_ds)
         for m in range(per_rank):
             first = (self.dp_rank * per_rank + m) * t.micro_batch_size
-            ids = [i % n for i in range(first, first + t.micro_batch_size)]
-            b = collate([self.valid_ds[i] for i in ids])
-            b["sample_ids"] = torch.tensor(ids)
-            yield b
+            yield _batch(self.valid_ds, [i % n for i in range(first, first + t.micro_batch_size)])
+
+    def _schedule(self, forward_step, batches, num_micro: int, forward_only: bool) -> list:
+        """megatron-core's forward-backward function over ``num_micro`` micro batches of this rank (any layout);
+        the last pipeline stage's per-micro-batch loss dicts."""
+        t = self.cfg.train
+        with cuda_to_cpu_mode():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=batches, model=[self.ddp], num_microbatches=num_micro,
+                seq_length=t.seq_length, forward_only=forward_only,
+                micro_batch_size=pipeline_micro_batch_size(t.micro_batch_size) if self.pp > 1 else t.micro_batch_size)
 
     def forward_step_func(self, step: int, target: float, layer_fracs: list, mode: str = "train"):
         """megatron's ``forward_step_func`` for one optimizer step (``mode`` "train") or one evaluation ("hard":
@@ -223,12 +235,8 @@ class RefitTrainer:
         layer_fracs: list = []
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with cuda_to_cpu_mode():
-            reduced = get_forward_backward_func()(
-                forward_step_func=self.forward_step_func(step, target, layer_fracs),
-                data_iterator=self.micro_batches(step), model=[self.ddp], num_microbatches=num_micro,
-                seq_length=t.seq_length, forward_only=False,
-                micro_batch_size=pipeline_micro_batch_size(t.micro_batch_size) if self.pp > 1 else t.micro_batch_size)
+        reduced = self._schedule(self.forward_step_func(step, target, layer_fracs), self.micro_batches(step),
+                                 num_micro, forward_only=False)
         metrics = dp_mean(step_metrics(reduced, sum(layer_fracs) / num_micro, self.tp))
         if not math.isfinite(metrics["loss"]):
             raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint in "
@@ -250,18 +258,12 @@ class RefitTrainer:
         """Held-out metrics of the student after ``step`` steps, equal on every rank: ``valid/kd_loss`` (KL to the
         teacher per token with inference eviction), ``valid/evicted_fraction`` and ``valid/achieved_cr`` (hard
         decisions over all layers, KV heads and non-padding positions)."""
-        t = self.cfg.train
         batches = list(self.valid_micro_batches())
         layer_fracs: list = []
         self.ddp.train(False)
         try:
-            with cuda_to_cpu_mode():
-                reduced = get_forward_backward_func()(
-                    forward_step_func=self.forward_step_func(step, 0.0, layer_fracs, mode="hard"),
-                    data_iterator=iter(batches), model=[self.ddp], num_microbatches=len(batches),
-                    seq_length=t.seq_length, forward_only=True,
-                    micro_batch_size=pipeline_micro_batch_size(t.micro_batch_size) if self.pp > 1 else
-                    t.micro_batch_size)
+            reduced = self._schedule(self.forward_step_func(step, 0.0, layer_fracs, mode="hard"), iter(batches),
+                                     len(batches), forward_only=True)
         finally:
             self.ddp.train(True)
         m = dp_mean(step_metrics(reduced, sum(layer_fracs) / len(batches), self.tp))
