@@ -100,10 +100,24 @@ def _overrides(assets):
     ]
 
 
+def _whole_cache_kl(teacher: str, student: str, valid_prefix: str) -> float:
+    """Mean over tokens of KL(student || teacher) from one full forward of each model (eval's 2 KL sequences)."""
+    from dms_megatron.eval.run import heldout_sequences
+    from dms_megatron.inference.loading import load_model
+
+    ids = heldout_sequences(valid_prefix, 2, KL_LENGTH)
+    with torch.no_grad():
+        ps = torch.log_softmax(load_model(student, require_dms=True)(ids).double(), -1)
+        pt = torch.log_softmax(load_model(teacher)(ids).double(), -1)
+    return float((ps.exp() * (ps - pt)).sum(-1).mean())
+
+
 def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_path):
     cache = tmp_path / "cache"
     run = tmp_path / "run"
-    r = _launch(_overrides(assets) + ["crs=[2,4]", f"hydra.run.dir={run}"], {"DMS_CACHE_DIR": str(cache)})
+    # q-neuron students evict from their first step (a zero-initialised adapter would not within 3 steps)
+    r = _launch(_overrides(assets) + ["crs=[2,4]", "refit.dms.alpha_source=qneuron", f"hydra.run.dir={run}"],
+                {"DMS_CACHE_DIR": str(cache)})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run / "eval.json").read_text())
     assert set(res) == {"vanilla", "dms", "tova", "h2o", "streamingllm", "quest"}
@@ -136,6 +150,10 @@ def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_
             def total(b, n=length):
                 return heads * sum(min(b, t) for t in range(2, n + 1))
             assert total(budget) >= reads - 1e-6 and (budget == 1 or total(budget - 1) < reads)
+        # the weight change alone: the student's full causal forward (no eviction) against the teacher's, by hand
+        ref = _whole_cache_kl(assets["teacher"], d["student"], assets["valid"])
+        assert d["kl_whole_cache"] == pytest.approx(ref, rel=1e-4, abs=1e-7) and d["kl_whole_cache"] > 0
+        assert d["kl_peak_tokens"] < van["kl_peak_tokens"] and d["kl"] > d["kl_whole_cache"] * (1 + 1e-3)
     assert (run / "pareto_kv_reads.png").stat().st_size > 0 and (run / "pareto_peak_tokens.png").stat().st_size > 0
     students = sorted(p.name for p in (cache / "students").iterdir())
     assert len(students) == 2 and all(not n.endswith(".partial") for n in students), students
@@ -145,7 +163,8 @@ def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_
     assert all("elapsed" in ln and "left)" in ln for ln in steps)
     # a second evaluation reuses the cached students (no re-fit) and reproduces the numbers
     run2 = tmp_path / "run2"
-    r2 = _launch(_overrides(assets) + ["crs=[2,4]", "methods=[vanilla,dms]", f"hydra.run.dir={run2}"],
+    r2 = _launch(_overrides(assets) + ["crs=[2,4]", "refit.dms.alpha_source=qneuron", "methods=[vanilla,dms]",
+                                       f"hydra.run.dir={run2}"],
                  {"DMS_CACHE_DIR": str(cache)})
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("reusing") == 2

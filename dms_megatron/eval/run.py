@@ -8,7 +8,8 @@ DMS made.
 ``peak_tokens`` / ``kv_reads`` are the recall task's (mean per item); ``kl_peak_tokens`` / ``kl_kv_reads`` those of
 the held-out text the KL is measured on. Recall rows also carry ``answer_resident`` (per layer, the fraction of
 answers x KV heads whose cache still holds the statement when the question is asked) and
-``recall_acc_by_residency``.
+``recall_acc_by_residency``. DMS rows carry ``kl_whole_cache``: the student's KL on the same text with nothing
+evicted, what the re-fit's weight change alone costs.
 """
 
 from __future__ import annotations
@@ -186,8 +187,8 @@ def run_eval(cfg: EvalConfig, run_dir: Path, log=print) -> dict:
         key = cr_key(c)
         student = load_model(students[key], require_dms=True)
         dms = dict(_row(Engine(student, make_press("dms", window=student.dms.window)), items, seqs, t_logits),
-                   student=str(students[key]))
-        progress.step(f"CR {key} dms: {_brief(dms)}")
+                   student=str(students[key]), kl_whole_cache=kl_metrics(Engine(student), seqs, t_logits)["kl"])
+        progress.step(f"CR {key} dms: {_brief(dms)}, whole-cache kl={dms['kl_whole_cache']:.4f}")
         if "dms" in results:
             results["dms"][key] = dms
         # the recall and KL tasks have different lengths, so each gets the budget DMS reached on it: eviction
