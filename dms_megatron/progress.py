@@ -60,4 +60,23 @@ def stop_raises(signals=(signal.SIGTERM,)):
             signal.signal(s, h)
 
 
-__all__ = ["say", "rate_and_left", "fmt_duration", "StopRequested", "stop_raises"]
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block the given signals are only recorded; the first one is raised again, to the handler that
+    was there before, when the block ends. For setup that an exception half-way would leave half made
+    (torch.distributed's store and groups). Main thread only, like ``stop_raises``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if pending:
+        signal.raise_signal(pending[0])
+
+
+__all__ = ["say", "rate_and_left", "fmt_duration", "StopRequested", "stop_raises", "signals_deferred"]

@@ -100,7 +100,31 @@ def test_stopping_the_teacher_build_is_one_line_and_writes_nothing(tmp_path, sig
         if "pre-training 100000 steps" in line:
             break
     proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=300)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the build did not stop within 300 s of {sig}; its stderr: {err[-3000:]}")
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines() == [f"[teacher] interrupted: nothing written to {out}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_signals_deferred_arrive_when_the_setup_block_ends():
+    """A Ctrl-C during process-group setup waits for the block's end (the setup completes), then interrupts."""
+    import os
+    import signal
+    import time
+
+    from dms_megatron.progress import signals_deferred
+
+    done, before = [], signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("setup finished")
+        done.append("after the block")
+    assert done == ["setup finished"]
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is back

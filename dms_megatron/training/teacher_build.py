@@ -26,6 +26,7 @@ from dms_megatron.data.embedded import HELDOUT_CHARS, TEXT_CHARS, checksums_of, 
 from dms_megatron.data.recall import TASKS, RecallTask, filler_from, write_items
 from dms_megatron.data.tokenizer import train_tokenizer
 from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
+from dms_megatron.progress import signals_deferred
 from dms_megatron.training.pretrain import PretrainRecipe, pretrain
 
 EVAL_ITEMS = 200
@@ -79,8 +80,9 @@ def build_teacher_assets(out: Path, recipe: PretrainRecipe, device: torch.device
         evals = _write_heldout(tmp, tok, recipe, eval_items)
         log(f"tokenizer + held-out items ready ({time.time() - t0:.0f} s); pre-training {recipe.steps} steps on "
             f"{device}")
-        init_process_groups(1, 1, seed=recipe.seed)
         try:
+            with signals_deferred():  # a Ctrl-C arriving here waits until the groups exist, then cleans up
+                init_process_groups(1, 1, seed=recipe.seed)
             model, history = pretrain(recipe, tok, text_ids(tok, "train", TEXT_CHARS), evals, device, log=log)
         finally:
             destroy_process_groups()
