@@ -95,7 +95,9 @@ def test_stopping_the_teacher_build_is_one_line_and_writes_nothing(tmp_path, sig
     out = tmp_path / "teacher"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-c", small, str(root / "tools"), "--out", str(out), "--steps",
-                             "100000"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "100000"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a terminal's foreground run: a test run started in the background inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if "pre-training 100000 steps" in line:
             break
