@@ -41,18 +41,13 @@ class StopRequested(BaseException):
 
 
 @contextlib.contextmanager
-def stop_raises(signals=(signal.SIGTERM,)):
-    """Within the block, the given signals raise ``StopRequested`` (so ``finally`` clauses remove partial output)
-    instead of killing the process; the previous handlers come back afterwards. Main thread only (elsewhere the
-    block runs unchanged: Python delivers signals to the main thread)."""
+def _handled_by(signals, handler):
+    """Within the block ``handler`` handles ``signals``; the previous handlers come back afterwards. Main thread
+    only (elsewhere the block runs unchanged: Python delivers signals to the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def raise_stop(signum, frame):
-        raise StopRequested(signum)
-
-    previous = {s: signal.signal(s, raise_stop) for s in signals}
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
@@ -61,20 +56,24 @@ def stop_raises(signals=(signal.SIGTERM,)):
 
 
 @contextlib.contextmanager
+def stop_raises(signals=(signal.SIGTERM,)):
+    """Within the block, the given signals raise ``StopRequested`` (so ``finally`` clauses remove partial output)
+    instead of killing the process; the previous handlers come back afterwards (main thread only)."""
+    def raise_stop(signum, frame):
+        raise StopRequested(signum)
+
+    with _handled_by(signals, raise_stop):
+        yield
+
+
+@contextlib.contextmanager
 def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
     """Within the block the given signals are only recorded; the first one is raised again, to the handler that
     was there before, when the block ends. For setup that an exception half-way would leave half made
     (torch.distributed's store and groups). Main thread only, like ``stop_raises``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     pending: list = []
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signals}
-    try:
+    with _handled_by(signals, lambda signum, frame: pending.append(signum)):
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     if pending:
         signal.raise_signal(pending[0])
 

@@ -89,15 +89,16 @@ def test_stopping_the_teacher_build_is_one_line_and_writes_nothing(tmp_path, sig
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    small = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import dms_megatron.training.teacher_build as tb; "
+    # the child first does what Python does when started in a terminal's foreground: Ctrl-C raises
+    # KeyboardInterrupt (a test run started in the background inherits SIGINT ignored)
+    small = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "import sys; sys.path.insert(0, sys.argv.pop(1)); import dms_megatron.training.teacher_build as tb; "
              "tb.TEXT_CHARS, tb.HELDOUT_CHARS = 200_000, 60_000; import build_tiny_teacher as b; "
              "sys.exit(b.main(sys.argv[1:]))")
     out = tmp_path / "teacher"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-c", small, str(root / "tools"), "--out", str(out), "--steps",
-                             "100000"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # a terminal's foreground run: a test run started in the background inherits SIGINT ignored
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             "100000"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if "pre-training 100000 steps" in line:
             break
