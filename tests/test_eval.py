@@ -15,6 +15,8 @@ from refit_fixtures import RECALL_LEN, shared_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_LENGTH = 32
+# kl_by_position's positions per entry: the test students' window is 4, so DMS evicts nothing in the first bucket
+BUCKET = 4
 RECALL_LIMIT = 4
 
 
@@ -100,24 +102,47 @@ def _overrides(assets):
     ]
 
 
-def _whole_cache_kl(teacher: str, student: str, valid_prefix: str) -> float:
-    """Mean over tokens of KL(student || teacher) from one full forward of each model (eval's 2 KL sequences)."""
+def _kl_sequences(valid_prefix: str) -> torch.Tensor:
     from dms_megatron.eval.run import heldout_sequences
+
+    return heldout_sequences(valid_prefix, 2, KL_LENGTH)  # eval's 2 KL sequences
+
+
+def _per_position_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """[B, L, V] x 2 -> [L]: KL(student || teacher) per position, averaged over the sequences, in float64."""
+    ps, pt = torch.log_softmax(student_logits.double(), -1), torch.log_softmax(teacher_logits.double(), -1)
+    return (ps.exp() * (ps - pt)).sum(-1).mean(0)
+
+
+def _whole_cache_kl(teacher: str, student: str, valid_prefix: str) -> torch.Tensor:
+    """[L]: per-position KL(student || teacher) from one full forward of each model."""
     from dms_megatron.inference.loading import load_model
 
-    ids = heldout_sequences(valid_prefix, 2, KL_LENGTH)
+    ids = _kl_sequences(valid_prefix)
     with torch.no_grad():
-        ps = torch.log_softmax(load_model(student, require_dms=True)(ids).double(), -1)
-        pt = torch.log_softmax(load_model(teacher)(ids).double(), -1)
-    return float((ps.exp() * (ps - pt)).sum(-1).mean())
+        return _per_position_kl(load_model(student, require_dms=True)(ids), load_model(teacher)(ids))
+
+
+def _student_h2o_kl(teacher: str, student: str, valid_prefix: str, budget: int) -> float:
+    """The student streamed with H2O at ``budget`` tokens per head against the teacher's full forward."""
+    from dms_megatron.eval.harness import stream
+    from dms_megatron.inference.engine import Engine
+    from dms_megatron.inference.loading import load_model
+    from dms_megatron.inference.press import make_press
+
+    ids = _kl_sequences(valid_prefix)
+    _, logits = stream(Engine(load_model(student, require_dms=True), make_press("h2o", budget=budget)),
+                       ids.tolist(), keep_logits=True)
+    with torch.no_grad():
+        return float(_per_position_kl(logits, load_model(teacher)(ids)).mean())
 
 
 def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_path):
     cache = tmp_path / "cache"
     run = tmp_path / "run"
     # q-neuron students evict from their first step (a zero-initialised adapter would not within 3 steps)
-    r = _launch(_overrides(assets) + ["crs=[2,4]", "refit.dms.alpha_source=qneuron", f"hydra.run.dir={run}"],
-                {"DMS_CACHE_DIR": str(cache)})
+    r = _launch(_overrides(assets) + ["crs=[2,4]", "refit.dms.alpha_source=qneuron", f"kl_bucket={BUCKET}",
+                                      f"hydra.run.dir={run}"], {"DMS_CACHE_DIR": str(cache)})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run / "eval.json").read_text())
     assert set(res) == {"vanilla", "dms", "tova", "h2o", "streamingllm", "quest"}
@@ -128,6 +153,7 @@ def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_
     assert van["kl"] == pytest.approx(0.0, abs=1e-5)
     assert van["kl_kv_reads"] == heads * sum(range(2, KL_LENGTH + 1))
     assert van["kl_peak_tokens"] == heads * KL_LENGTH
+    assert len(van["kl_by_position"]) == KL_LENGTH // BUCKET and max(van["kl_by_position"]) < 1e-5
     for cr in ("2", "4"):
         d = res["dms"][cr]
         assert set(d) >= {"recall_acc", "kl", "peak_tokens", "kv_reads"}
@@ -151,9 +177,22 @@ def test_dms_eval_writes_matched_budget_results_and_reuses_students(assets, tmp_
                 return heads * sum(min(b, t) for t in range(2, n + 1))
             assert total(budget) >= reads - 1e-6 and (budget == 1 or total(budget - 1) < reads)
         # the weight change alone: the student's full causal forward (no eviction) against the teacher's, by hand
-        ref = _whole_cache_kl(assets["teacher"], d["student"], assets["valid"])
-        assert d["kl_whole_cache"] == pytest.approx(ref, rel=1e-4, abs=1e-7) and d["kl_whole_cache"] > 0
+        whole = _whole_cache_kl(assets["teacher"], d["student"], assets["valid"])  # [L]
+        assert d["kl_whole_cache"] == pytest.approx(float(whole.mean()), rel=1e-4, abs=1e-7) and d["kl_whole_cache"] > 0
         assert d["kl_peak_tokens"] < van["kl_peak_tokens"] and d["kl"] > d["kl_whole_cache"] * (1 + 1e-3)
+        # per position: within its window DMS has evicted nothing yet, so its first bucket is the whole-cache KL;
+        # the buckets average to the row's KL
+        by_pos = d["kl_by_position"]
+        assert len(by_pos) == KL_LENGTH // BUCKET and by_pos[0] > 0
+        assert by_pos[0] == pytest.approx(float(whole[:BUCKET].mean()), rel=1e-2)  # fp32 streaming of a small KL
+        assert sum(by_pos) / len(by_pos) == pytest.approx(d["kl"], rel=1e-5)
+        # a budget method on the teacher loses nothing before its budget fills (the budget is at least the window)
+        h = res["h2o"][cr]
+        assert h["kl_budget"] >= BUCKET
+        assert all(abs(x) < 1e-5 for x in h["kl_by_position"][:h["kl_budget"] // BUCKET])
+        # the student's weights with H2O's decisions at DMS's peak: the student streamed under H2O, by hand
+        ref = _student_h2o_kl(assets["teacher"], d["student"], assets["valid"], h["kl_budget"])
+        assert d["kl_student_h2o"] == pytest.approx(ref, rel=1e-4, abs=1e-7) and d["kl_student_h2o"] != h["kl"]
     assert (run / "pareto_kv_reads.png").stat().st_size > 0 and (run / "pareto_peak_tokens.png").stat().st_size > 0
     students = sorted(p.name for p in (cache / "students").iterdir())
     assert len(students) == 2 and all(not n.endswith(".partial") for n in students), students

@@ -27,6 +27,7 @@ class EvalConfig:
     recall_limit: Optional[int] = None   # first N items (null = all)
     kl_sequences: int = 8
     kl_length: Optional[int] = None      # null = refit.train.seq_length
+    kl_bucket: int = 32                  # positions per entry of each row's kl_by_position
     streamingllm_sinks: int = 4
     quest_page: int = 4
     refit: RefitConfig = field(default_factory=RefitConfig)
@@ -44,7 +45,7 @@ class EvalConfig:
         extra = sorted(set(self.students) - keys)
         if extra:
             raise ConfigError(f"eval.students has CR(s) {extra} that are not in eval.crs={self.crs}")
-        for name in ("kl_sequences", "streamingllm_sinks", "quest_page"):
+        for name in ("kl_sequences", "kl_bucket", "streamingllm_sinks", "quest_page"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "streamingllm_sinks" else 1):
                 fail("eval", name, v, "must be a non-negative integer" if name == "streamingllm_sinks"

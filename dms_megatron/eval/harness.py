@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from dms_megatron.core.losses import kd_loss
+from dms_megatron.core.losses import token_kl
 from dms_megatron.inference.engine import Engine, Session
 
 StepFn = Callable[[int, Session, torch.Tensor], None]  # (position t just fed, session, next-token logits [B, V])
@@ -129,12 +129,15 @@ def recall_metrics(engine: Engine, items: List[dict]) -> dict:
     return out
 
 
-def kl_metrics(engine: Engine, sequences: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
+def kl_metrics(engine: Engine, sequences: torch.Tensor, teacher_logits: torch.Tensor, bucket: int) -> dict:
     """Mean per-token KL(model || teacher) of next-token distributions on held-out ``sequences`` [B, L] (the
-    direction the re-fit trains), with mean peak tokens and KV reads per sequence. teacher_logits [B, L, V]."""
+    direction the re-fit trains), its mean over the sequences per ``bucket`` consecutive positions
+    (``kl_by_position``: where in the sequence a method loses), and mean peak tokens and KV reads per sequence.
+    teacher_logits [B, L, V]."""
     summ, logits = stream(engine, sequences.tolist(), keep_logits=True)
-    kl = float(kd_loss(logits, teacher_logits))
-    return {"kl": kl, "peak_tokens": _mean(summ, "peak_resident"), "kv_reads": _mean(summ, "kv_reads")}
+    per_pos = token_kl(torch.log_softmax(logits, -1), torch.log_softmax(teacher_logits.float(), -1)).mean(0)  # [L]
+    return {"kl": float(per_pos.mean()), "kl_by_position": [float(c.mean()) for c in per_pos.split(bucket)],
+            "peak_tokens": _mean(summ, "peak_resident"), "kv_reads": _mean(summ, "kv_reads")}
 
 
 def teacher_logits(engine: Engine, sequences: torch.Tensor) -> torch.Tensor:

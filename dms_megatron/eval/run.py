@@ -8,8 +8,10 @@ DMS made.
 ``peak_tokens`` / ``kv_reads`` are the recall task's (mean per item); ``kl_peak_tokens`` / ``kl_kv_reads`` those of
 the held-out text the KL is measured on. Recall rows also carry ``answer_resident`` (per layer, the fraction of
 answers x KV heads whose cache still holds the statement when the question is asked) and
-``recall_acc_by_residency``. DMS rows carry ``kl_whole_cache``: the student's KL on the same text with nothing
-evicted, what the re-fit's weight change alone costs.
+``recall_acc_by_residency``. Every row carries ``kl_by_position``: its KL per ``eval.kl_bucket`` positions (a
+budget method loses nothing before its budget fills). DMS rows carry ``kl_whole_cache``: the student's KL on the
+same text with nothing evicted, what the re-fit's weight change alone costs; and ``kl_student_h2o``: the student
+with H2O evicting at DMS's peak tokens, i.e. the same weights with heuristic decisions instead of its own.
 """
 
 from __future__ import annotations
@@ -155,12 +157,24 @@ class Progress:
         self.log(f"[{self.done}/{self.total}] {what} ({fmt_duration(el)} elapsed, ~{fmt_duration(left)} left)")
 
 
-def _row(engine: Engine, items: List[dict], seqs: torch.Tensor, t_logits: torch.Tensor,
+def _row(engine: Engine, items: List[dict], seqs: torch.Tensor, t_logits: torch.Tensor, bucket: int,
          kl_engine: Optional[Engine] = None) -> dict:
     """Recall metrics of ``engine`` and KL metrics of ``kl_engine`` (default the same engine) in one row."""
     rec = recall_metrics(engine, items) if items else {}
-    kl = kl_metrics(kl_engine or engine, seqs, t_logits)
-    return {**rec, "kl": kl["kl"], "kl_peak_tokens": kl["peak_tokens"], "kl_kv_reads": kl["kv_reads"]}
+    kl = kl_metrics(kl_engine or engine, seqs, t_logits, bucket)
+    return {**rec, "kl": kl["kl"], "kl_by_position": kl["kl_by_position"], "kl_peak_tokens": kl["peak_tokens"],
+            "kl_kv_reads": kl["kv_reads"]}
+
+
+def _dms_row(student, items: List[dict], seqs: torch.Tensor, t_logits: torch.Tensor, cfg: EvalConfig) -> dict:
+    """The DMS student's row, with the two parts of its KL on text told apart: ``kl_whole_cache`` (the student with
+    nothing evicted: what the weight change alone costs) and ``kl_student_h2o`` (the student with H2O choosing what
+    to evict at DMS's own peak tokens: its weights with heuristic decisions instead of its own)."""
+    dms = _row(Engine(student, make_press("dms", window=student.dms.window)), items, seqs, t_logits, cfg.kl_bucket)
+    c = student.cfg
+    h2o = make_press("h2o", budget=budget_for(dms["kl_peak_tokens"], c.num_layers, c.num_query_groups))
+    return dict(dms, kl_whole_cache=kl_metrics(Engine(student), seqs, t_logits, cfg.kl_bucket)["kl"],
+                kl_student_h2o=kl_metrics(Engine(student, h2o), seqs, t_logits, cfg.kl_bucket)["kl"])
 
 
 def _brief(m: dict) -> str:
@@ -181,14 +195,14 @@ def run_eval(cfg: EvalConfig, run_dir: Path, log=print) -> dict:
     progress = Progress(("vanilla" in cfg.methods) + len(cfg.crs) * (1 + len(baselines)), log)
     results: Dict[str, Dict[str, dict]] = {m: {} for m in cfg.methods}
     if "vanilla" in results:
-        results["vanilla"]["1"] = _row(Engine(teacher), items, seqs, t_logits)
+        results["vanilla"]["1"] = _row(Engine(teacher), items, seqs, t_logits, cfg.kl_bucket)
         progress.step(f"vanilla: {_brief(results['vanilla']['1'])}")
     for c in cfg.crs:
         key = cr_key(c)
         student = load_model(students[key], require_dms=True)
-        dms = dict(_row(Engine(student, make_press("dms", window=student.dms.window)), items, seqs, t_logits),
-                   student=str(students[key]), kl_whole_cache=kl_metrics(Engine(student), seqs, t_logits)["kl"])
-        progress.step(f"CR {key} dms: {_brief(dms)}, whole-cache kl={dms['kl_whole_cache']:.4f}")
+        dms = dict(_dms_row(student, items, seqs, t_logits, cfg), student=str(students[key]))
+        progress.step(f"CR {key} dms: {_brief(dms)}, whole-cache kl={dms['kl_whole_cache']:.4f}, "
+                      f"kl with H2O choosing={dms['kl_student_h2o']:.4f}")
         if "dms" in results:
             results["dms"][key] = dms
         # the recall and KL tasks have different lengths, so each gets the budget DMS reached on it: eviction
@@ -196,7 +210,7 @@ def run_eval(cfg: EvalConfig, run_dir: Path, log=print) -> dict:
         for name in baselines:
             b_rec, b_kl = _baseline_budgets(name, dms, layers, ng, items, seqs)
             results[name][key] = dict(_row(Engine(teacher, _budget_press(name, cfg, b_rec)), items, seqs, t_logits,
-                                           Engine(teacher, _budget_press(name, cfg, b_kl))),
+                                           cfg.kl_bucket, Engine(teacher, _budget_press(name, cfg, b_kl))),
                                       budget=b_rec, kl_budget=b_kl)
             progress.step(f"CR {key} {name} (budget {b_rec}): {_brief(results[name][key])}")
         if "answer_resident" in dms:
