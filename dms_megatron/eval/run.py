@@ -172,7 +172,7 @@ def _dms_row(student, items: List[dict], seqs: torch.Tensor, t_logits: torch.Ten
     to evict at DMS's own peak tokens: its weights with heuristic decisions instead of its own)."""
     dms = _row(Engine(student, make_press("dms", window=student.dms.window)), items, seqs, t_logits, cfg.kl_bucket)
     c = student.cfg
-    h2o = make_press("h2o", budget=budget_for(dms["kl_peak_tokens"], c.num_layers, c.num_query_groups))
+    h2o = _budget_press("h2o", cfg, budget_for(dms["kl_peak_tokens"], c.num_layers, c.num_query_groups))
     return dict(dms, kl_whole_cache=kl_metrics(Engine(student), seqs, t_logits, cfg.kl_bucket)["kl"],
                 kl_student_h2o=kl_metrics(Engine(student, h2o), seqs, t_logits, cfg.kl_bucket)["kl"])
 
