@@ -171,6 +171,33 @@ def test_unequal_tiles_and_wider_heads():
         assert (g.double() - r).abs().max() <= 1e-4, name
 
 
+def _autotune_tiles():
+    """Blocks covering every tile shape the CUDA autotuner may pick (triton_dms.AUTOTUNE): the forward / dQ
+    (queries x keys) shapes zipped cyclically with the dK/dV (keys x queries) shapes."""
+    from dms_megatron.core.triton_dms import AUTOTUNE
+
+    fwd = sorted({c[:2] for name in ("dms_fwd", "dms_bwd_dq") for c in AUTOTUNE[name]})
+    bwd = sorted({c[:2] for c in AUTOTUNE["dms_bwd_dkdv"]})
+    n = max(len(fwd), len(bwd))
+    return [Blocks(fwd_m=fwd[i % len(fwd)][0], fwd_n=fwd[i % len(fwd)][1], bwd_n=bwd[i % len(bwd)][0],
+                   bwd_m=bwd[i % len(bwd)][1]) for i in range(n)]
+
+
+@pytest.mark.parametrize("window", [40, 200])
+@pytest.mark.parametrize("blocks", _autotune_tiles(), ids=lambda b: f"f{b.fwd_m}x{b.fwd_n}-b{b.bwd_n}x{b.bwd_m}")
+def test_the_autotuned_tile_shapes(blocks, window):
+    """The CUDA autotuner picks each kernel's tiles on its own, so every candidate shape must be exact: forward and
+    gradients against the per-query loop, L = 300 (ragged against every tile), windows below and above the tiles."""
+    q, k, v, z = _inputs(1, 4, 2, 300, 300, hn=16)
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    out, grads = _grads(lambda *a: triton_dms_attention_blocks(*a, window, blocks=blocks), q, k, v, z, go)
+    ref_out, ref_grads = _grads(lambda *a: _loop_autograd(*a, window, False), *(t.double() for t in (q, k, v, z)),
+                                go.double())
+    assert (out.double() - ref_out).abs().max() <= 1e-4
+    for name, g, r in zip("qkvz", grads, ref_grads):
+        assert (g.double() - r).abs().max() <= 1e-4, name
+
+
 def test_fp16_forward_and_gradients_are_close():
     """Half precision (fp16: the interpreter's tl.dot mishandles bf16, which the CUDA tests cover)."""
     q, k, v, z = _inputs(1, 4, 2, 40, 40)

@@ -66,34 +66,61 @@ def _kernels():
     return _KERNELS[0]
 
 
+# Autotune candidates on CUDA, per kernel: (row tile, column tile, num_warps, num_stages); the tiles are named
+# in TILES. Chosen with `python -m dms_megatron.core.triton_aot` (sm_90a, bf16, 32/8 heads, head dim 128): every
+# forward and dQ candidate compiles without register spills; no pipelined dK/dV config is spill-free, so its list
+# holds the two spill-free unpipelined ones and the pipelined ones that spill least (the autotuner measures them).
+AUTOTUNE = {
+    "dms_fwd": ((128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)),
+    "dms_bwd_dkdv": ((128, 32, 8, 1), (64, 32, 4, 1), (128, 16, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2),
+                     (128, 64, 8, 2)),
+    "dms_bwd_dq": ((128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)),
+}
+# kernel -> (row-tile constexpr, its Blocks field, column-tile constexpr, its Blocks field); the launch grid is
+# (cdiv(rows, row tile), columns). dK/dV tiles hold keys on rows.
+TILES = {"dms_fwd": ("BLOCK_M", "fwd_m", "BLOCK_N", "fwd_n"), "dms_bwd_dkdv": ("BLOCK_N", "bwd_n", "BLOCK_M", "bwd_m"),
+         "dms_bwd_dq": ("BLOCK_M", "fwd_m", "BLOCK_N", "fwd_n")}
+DELTA_ROWS = 64  # dms_bwd_delta's query tile when autotuning (it streams O and dO once: no tuning)
+KEY = ["sq", "sk", "HEAD_DIM", "DOT_PREC"]
+
+
 def _add_autotuned(mod) -> None:
-    """Autotuned handles (CUDA) next to the raw kernels: Hopper-sized tiles, 4-8 warps, 2-3 stages."""
+    """Autotuned handles (CUDA) next to the raw kernels, from AUTOTUNE."""
     import triton  # optional: see _kernels
 
-    def cfgs(pairs, names):
-        return [triton.Config({names[0]: m, names[1]: n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-    key = ["sq", "sk", "HEAD_DIM", "DOT_PREC"]
-    fwd = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-    dkdv = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)]  # (BLOCK_N, BLOCK_M): keys x queries
-    dq = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
-    mod.dms_fwd_tuned = triton.autotune(cfgs(fwd, ("BLOCK_M", "BLOCK_N")), key=key)(mod.dms_fwd)
-    mod.dms_bwd_dkdv_tuned = triton.autotune(cfgs(dkdv, ("BLOCK_N", "BLOCK_M")), key=key)(mod.dms_bwd_dkdv)
-    mod.dms_bwd_dq_tuned = triton.autotune(cfgs(dq, ("BLOCK_M", "BLOCK_N")), key=key)(mod.dms_bwd_dq)
+    for name, configs in AUTOTUNE.items():
+        row_tile, _, col_tile, _ = TILES[name]
+        cfgs = [triton.Config({row_tile: r, col_tile: c}, num_warps=w, num_stages=s) for r, c, w, s in configs]
+        setattr(mod, name + "_tuned", triton.autotune(cfgs, key=KEY)(getattr(mod, name)))
 
 
-def _launch(mod, name: str, grid_rows: int, grid_cols: int, blocks: Optional[Blocks], tiles, *args, **consts):
-    """Launch kernel ``name`` on grid (cdiv(grid_rows, tile), grid_cols); ``tiles`` = (row-tile name, its
-    Blocks field, other tile name, its Blocks field). Autotuned when ``blocks`` is None."""
+@dataclass
+class KernelCall:
+    """One kernel launch: its name, grid (cdiv(rows, row tile), cols), positional args and constexpr kwargs. Built
+    by the same functions for the real launch and for the ahead-of-time compile (``triton_aot``)."""
+    name: str
+    rows: int
+    cols: int
+    args: tuple
+    consts: dict
+
+
+def _launch(mod, call: KernelCall, blocks: Optional[Blocks]) -> None:
+    """Launch ``call``: autotuned when ``blocks`` is None and the kernel has candidates, else with ``blocks``."""
     import triton  # optional: see _kernels
 
-    row_tile, row_field, col_tile, col_field = tiles
+    if call.name not in TILES:                                                      # fixed tiles in consts
+        tile = call.consts["BLOCK_M"]
+        getattr(mod, call.name)[(triton.cdiv(call.rows, tile), call.cols)](*call.args, **call.consts)
+        return
+    row_tile, row_field, col_tile, col_field = TILES[call.name]
     if blocks is None:
-        getattr(mod, name + "_tuned")[lambda meta: (triton.cdiv(grid_rows, meta[row_tile]), grid_cols)](*args, **consts)
+        getattr(mod, call.name + "_tuned")[lambda meta: (triton.cdiv(call.rows, meta[row_tile]), call.cols)](
+            *call.args, **call.consts)
     else:
         rows = getattr(blocks, row_field)
-        getattr(mod, name)[(triton.cdiv(grid_rows, rows), grid_cols)](
-            *args, **consts, **{row_tile: rows, col_tile: getattr(blocks, col_field)},
+        getattr(mod, call.name)[(triton.cdiv(call.rows, rows), call.cols)](
+            *call.args, **call.consts, **{row_tile: rows, col_tile: getattr(blocks, col_field)},
             num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
@@ -106,53 +133,70 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward_call(q, k, v, kb, has_bias: bool, window: int, scale: float):
+    """(the forward launch, out [b, np, sq, hn], lse [b, np, sq] fp32 in log2 units) for row-major q, k, v and
+    the fp32 bias ``kb`` ([b, ng, sk], or a 1-element placeholder without bias)."""
+    b, np_, sq, hn = q.shape
+    ng, sk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, np_, sq, dtype=torch.float32, device=q.device)
+    call = KernelCall("dms_fwd", sq, b * np_, (
+        q, k, v, kb, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), kb.stride(0), kb.stride(1),
+        np_, np_ // ng, sq, sk, window, scale * math.log2(math.e)),
+        dict(HEAD_DIM=hn, HAS_BIAS=has_bias, DOT_PREC=_prec(q.dtype)))
+    return call, out, lse
+
+
+def backward_calls(q, k, v, kb, has_bias: bool, out, lse, dout, window: int, scale: float, bias_grad: bool,
+                   delta_rows: int):
+    """([delta, dK/dV, dQ launches], (dq, dk, dv, dkb or None)) for the forward's saved tensors and row-major dout."""
+    b, np_, sq, hn = q.shape
+    ng, sk = k.shape[1], k.shape[2]
+    delta = torch.empty(b, np_, sq, dtype=torch.float32, device=q.device)           # rowsum(dO * O)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)                        # contiguous
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dkb = torch.empty(b, ng, sk, dtype=torch.float32, device=q.device) if bias_grad else kb
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), kb.stride(0), kb.stride(1),
+              np_, np_ // ng, sq, sk, window, scale, scale * math.log2(math.e))
+    consts = dict(HEAD_DIM=hn, HAS_BIAS=has_bias, DOT_PREC=_prec(q.dtype))
+    calls = [KernelCall("dms_bwd_delta", sq, b * np_, (out, dout, delta, *_strides(out), *_strides(dout), np_, sq),
+                        dict(HEAD_DIM=hn, BLOCK_M=delta_rows)),
+             KernelCall("dms_bwd_dkdv", sk, b * ng, (q, k, v, kb, dout, lse, delta, dk, dv, dkb, *common),
+                        dict(consts, BIAS_GRAD=bias_grad)),
+             KernelCall("dms_bwd_dq", sq, b * np_, (q, k, v, kb, dout, lse, delta, dq, *common), consts)]
+    return calls, (dq, dk, dv, dkb if bias_grad else None)
+
+
 class _TritonDMS(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kbias, window: int, scale: float, blocks: Optional[Blocks]):
         # q [b, np, sq, hn]; k, v [b, ng, sk, hn]; kbias [b, ng, sk] fp32 or None
         mod = _kernels()
         q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
-        b, np_, sq, hn = q.shape
-        ng, sk = k.shape[1], k.shape[2]
         has_bias = kbias is not None
         kb = kbias.contiguous() if has_bias else torch.zeros(1, 1, 1, dtype=torch.float32, device=q.device)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)             # [b, np, sq, hn]
-        lse = torch.empty(b, np_, sq, dtype=torch.float32, device=q.device)          # log2 units
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        _launch(mod, "dms_fwd", sq, b * np_, blocks, ("BLOCK_M", "fwd_m", "BLOCK_N", "fwd_n"),
-                q, k, v, kb, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                kb.stride(0), kb.stride(1), np_, np_ // ng, sq, sk, window, scale * math.log2(math.e),
-                HEAD_DIM=hn, HAS_BIAS=has_bias, DOT_PREC=prec)
+        call, out, lse = forward_call(q, k, v, kb, has_bias, window, scale)
+        _launch(mod, call, blocks)
         ctx.save_for_backward(q, k, v, kb, out, lse)
-        ctx.meta = (has_bias, window, scale, blocks, prec)
+        ctx.meta = (has_bias, window, scale, blocks)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, kb, out, lse = ctx.saved_tensors
-        has_bias, window, scale, blocks, prec = ctx.meta
+        has_bias, window, scale, blocks = ctx.meta
         mod = _kernels()
-        dout = _rowmajor(dout)
-        b, np_, sq, hn = q.shape
-        ng, sk = k.shape[1], k.shape[2]
         bias_grad = has_bias and ctx.needs_input_grad[3]
-        delta = torch.empty(b, np_, sq, dtype=torch.float32, device=q.device)        # rowsum(dO * O)
-        rows = 64 if blocks is None else blocks.fwd_m
-        import triton  # optional: see _kernels
-        mod.dms_bwd_delta[(triton.cdiv(sq, rows), b * np_)](
-            out, dout, delta, *_strides(out), *_strides(dout), np_, sq, HEAD_DIM=hn, BLOCK_M=rows)
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)                    # contiguous
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        dkb = torch.empty(b, ng, sk, dtype=torch.float32, device=q.device) if bias_grad else kb
-        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), kb.stride(0), kb.stride(1),
-                  np_, np_ // ng, sq, sk, window, scale, scale * math.log2(math.e))
-        _launch(mod, "dms_bwd_dkdv", sk, b * ng, blocks, ("BLOCK_N", "bwd_n", "BLOCK_M", "bwd_m"),
-                q, k, v, kb, dout, lse, delta, dk, dv, dkb, *common,
-                HEAD_DIM=hn, HAS_BIAS=has_bias, BIAS_GRAD=bias_grad, DOT_PREC=prec)
-        _launch(mod, "dms_bwd_dq", sq, b * np_, blocks, ("BLOCK_M", "fwd_m", "BLOCK_N", "fwd_n"),
-                q, k, v, kb, dout, lse, delta, dq, *common, HEAD_DIM=hn, HAS_BIAS=has_bias, DOT_PREC=prec)
-        return dq, dk, dv, (dkb if bias_grad else None), None, None, None
+        calls, (dq, dk, dv, dkb) = backward_calls(q, k, v, kb, has_bias, out, lse, _rowmajor(dout), window, scale,
+                                                  bias_grad, DELTA_ROWS if blocks is None else blocks.fwd_m)
+        for call in calls:
+            _launch(mod, call, blocks)
+        return dq, dk, dv, dkb, None, None, None
 
 
 def _check(query, key, value, key_logits, window):
@@ -200,4 +244,5 @@ def triton_dms_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return triton_dms_attention_blocks(query, key, value, key_logits, window, softmax_scale, hard)
 
 
-__all__ = ["Blocks", "triton_dms_attention", "triton_dms_attention_blocks"]
+__all__ = ["AUTOTUNE", "Blocks", "KernelCall", "TILES", "backward_calls", "forward_call", "triton_dms_attention",
+           "triton_dms_attention_blocks"]

@@ -1,0 +1,62 @@
+"""The Triton DMS kernels compiled ahead of time for Hopper (sm_90a) on this CPU machine, by Triton's own compiler
+and ptxas (core/triton_aot.py): what the interpreter tests cannot see. The numbers come from ptxas and Triton's
+compile metadata; the limits are the H100's (232,448 bytes of shared memory per block).
+
+  python -m pytest tests/test_triton_aot.py       # ~1 min on 2 cores with an empty Triton cache
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="the ahead-of-time compile needs triton (pip install -e '.[dev]')")
+
+SPILL_BUDGET = 512   # bytes per thread: a candidate that spills more is a slow candidate the autotuner would time
+
+
+@pytest.fixture(scope="module")
+def hopper_rows():
+    from dms_megatron.core import triton_aot
+
+    return triton_aot.report(triton_aot.Shape(), "90a")
+
+
+def test_every_autotune_candidate_compiles_for_hopper(hopper_rows):
+    from dms_megatron.core.triton_dms import AUTOTUNE
+
+    errors = [r for r in hopper_rows if "error" in r]
+    assert not errors, errors
+    for name, configs in AUTOTUNE.items():
+        rows = [r for r in hopper_rows if r["kernel"] == name]
+        assert [tuple(r["config"]) for r in rows] == list(configs)
+        for r in rows:
+            assert r["fits"] and r["shared_bytes"] <= 232448, r
+            assert r["wgmma"] > 0 and r["mma_sync"] == 0, r                         # Hopper's tensor-core path
+            assert r["spill_store_bytes"] <= SPILL_BUDGET and r["spill_load_bytes"] <= SPILL_BUDGET, r
+            assert r["registers"] <= 255, r
+        assert any(r["spill_store_bytes"] == r["spill_load_bytes"] == 0 for r in rows), f"{name}: every candidate spills"
+    delta = [r for r in hopper_rows if r["kernel"] == "dms_bwd_delta"]
+    assert len(delta) == 1 and delta[0]["config"] is None and delta[0]["spill_store_bytes"] == 0
+
+
+def test_a_candidate_the_chip_cannot_hold_is_reported_and_fails_the_run(monkeypatch, capsys):
+    """A forward tile of 128 x 128 with 4 pipeline stages needs ~290 KiB of shared memory: more than an H100 has."""
+    from dms_megatron.core import triton_aot, triton_dms
+
+    monkeypatch.setattr(triton_dms, "AUTOTUNE", {"dms_fwd": ((128, 128, 8, 4),)})
+    assert triton_aot.main([]) == 1
+    out = capsys.readouterr().out
+    fwd = [line for line in out.splitlines() if line.startswith("| dms_fwd")]
+    assert len(fwd) == 1 and "| NO |" in fwd[0]
+    assert not [line for line in out.splitlines() if line.startswith("| dms_bwd_dkdv")]   # no candidates: none
+
+
+def test_unknown_arch_is_one_line_and_exit_2(capsys):
+    from dms_megatron.core import triton_aot
+
+    assert triton_aot.main(["--arch", "75"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--arch 75" in err
