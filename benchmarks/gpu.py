@@ -38,7 +38,7 @@ from dms_megatron.core.attention import dense_dms_attention, flex_dms_attention 
 from dms_megatron.megatron.distributed import init_process_groups  # noqa: E402
 
 from model_steps import step_markdown, step_table  # noqa: E402
-from dms_megatron.core.triton_dms import triton_dms_attention  # noqa: E402
+from dms_megatron.core.triton_dms import autotune_picks, triton_dms_attention  # noqa: E402
 from dms_megatron.core.two_part import two_part_dms_attention  # noqa: E402
 
 B, NP, NG, HN = 1, 32, 8, 128
@@ -163,7 +163,7 @@ def kernel_table(args) -> dict:
     _add_ratios(cells)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": _version("triton"),
             "shape": {"b": B, "np": NP, "ng": NG, "hn": HN, "dtype": "bf16"}, "reps": args.reps,
-            "seconds": round(time.time() - t0, 1)}
+            "seconds": round(time.time() - t0, 1), "triton_autotune": autotune_picks()}
     return {"meta": meta, "cells": cells}
 
 

@@ -84,3 +84,24 @@ def test_unknown_arch_is_one_line_and_exit_2(capsys):
     assert triton_aot.main(["--arch", "75"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--arch 75" in err
+
+
+def test_autotune_picks_reads_each_kernels_choice(monkeypatch):
+    """benchmarks/gpu.py records the autotuner's choices: keys are (sq, sk, HEAD_DIM, DOT_PREC), values the tiles,
+    warps and stages of the chosen candidate (a stand-in for the loaded kernels, as on a GPU after tuning)."""
+    import types
+
+    import triton
+
+    from dms_megatron.core import triton_dms
+
+    tuned = {name: types.SimpleNamespace(cache={}) for name in triton_dms.AUTOTUNE}
+    tuned["dms_fwd"].cache[(4096, 4096, 128, "tf32", "torch.bfloat16")] = triton.Config(
+        {"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2)
+    tuned["dms_bwd_dkdv"].cache[(4096, 4096, 128, "tf32")] = triton.Config(
+        {"BLOCK_N": 128, "BLOCK_M": 16}, num_warps=8, num_stages=2)
+    fake = types.SimpleNamespace(**{name + "_tuned": t for name, t in tuned.items()})
+    monkeypatch.setattr(triton_dms, "_KERNELS", [fake])
+    assert triton_dms.autotune_picks() == {"dms_fwd": {"4096,4096,128,tf32": [64, 128, 8, 2]},
+                                           "dms_bwd_dkdv": {"4096,4096,128,tf32": [128, 16, 8, 2]},
+                                           "dms_bwd_dq": {}}

@@ -96,6 +96,20 @@ def _add_autotuned(mod) -> None:
         setattr(mod, name + "_tuned", triton.autotune(cfgs, key=KEY)(getattr(mod, name)))
 
 
+def autotune_picks() -> dict:
+    """What the autotuner chose so far in this process: {kernel: {"sq,sk,HEAD_DIM,DOT_PREC": [row tile, column
+    tile, num_warps, num_stages]}}; {} before the kernels are loaded (benchmarks/gpu.py records it)."""
+    if not _KERNELS or not hasattr(_KERNELS[0], "dms_fwd_tuned"):
+        return {}
+    picks = {}
+    for name in AUTOTUNE:
+        row_tile, _, col_tile, _ = TILES[name]
+        cache = getattr(_KERNELS[0], name + "_tuned").cache
+        picks[name] = {",".join(map(str, key[:len(KEY)])): [c.kwargs[row_tile], c.kwargs[col_tile], c.num_warps,
+                                                             c.num_stages] for key, c in cache.items()}
+    return picks
+
+
 @dataclass
 class KernelCall:
     """One kernel launch: its name, grid (cdiv(rows, row tile), cols), positional args and constexpr kwargs. Built
@@ -246,5 +260,5 @@ def triton_dms_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return triton_dms_attention_blocks(query, key, value, key_logits, window, softmax_scale, hard)
 
 
-__all__ = ["AUTOTUNE", "Blocks", "KernelCall", "TILES", "backward_calls", "forward_call", "triton_dms_attention",
+__all__ = ["AUTOTUNE", "Blocks", "autotune_picks", "KernelCall", "TILES", "backward_calls", "forward_call", "triton_dms_attention",
            "triton_dms_attention_blocks"]
