@@ -105,3 +105,12 @@ def test_autotune_picks_reads_each_kernels_choice(monkeypatch):
     assert triton_dms.autotune_picks() == {"dms_fwd": {"4096,4096,128,tf32": [64, 128, 8, 2]},
                                            "dms_bwd_dkdv": {"4096,4096,128,tf32": [128, 16, 8, 2]},
                                            "dms_bwd_dq": {}}
+
+
+def test_under_the_interpreter_it_refuses_in_one_line(monkeypatch, capsys):
+    from dms_megatron.core import triton_aot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_aot.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "TRITON_INTERPRET" in err

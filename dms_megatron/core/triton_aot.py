@@ -193,6 +193,15 @@ def main(argv=None) -> int:
         print(f"triton_aot: --arch {args.arch} unknown: use one of {sorted(SHARED_LIMIT)} (90a for Hopper)",
               file=sys.stderr)
         return 2
+    if triton_dms._interpreting():
+        print("triton_aot compiles for a GPU, not for Triton's interpreter: run it without TRITON_INTERPRET=1",
+              file=sys.stderr)
+        return 2
+    try:
+        triton_dms._kernels()
+    except ImportError as e:
+        print(f"triton_aot: {e}", file=sys.stderr)
+        return 2
     rows = report(shape, args.arch)
     print(markdown(rows))
     if args.json:
