@@ -51,7 +51,8 @@ def sample_calls(shape: Shape) -> list:
     (torch.empty: only strides, dtypes and 16-byte alignment matter)."""
     dt = DTYPES[shape.dtype]
     b, np_, ng, L, hn = shape.batch, shape.heads, shape.kv_heads, shape.seq, shape.head_dim
-    q, k, v = torch.empty(b, np_, L, hn, dtype=dt), torch.empty(b, ng, L, hn, dtype=dt), torch.empty(b, ng, L, hn, dtype=dt)
+    q = torch.empty(b, np_, L, hn, dtype=dt)
+    k, v = torch.empty(b, ng, L, hn, dtype=dt), torch.empty(b, ng, L, hn, dtype=dt)
     kb = torch.empty(b, ng, L, dtype=torch.float32)
     scale = hn ** -0.5
     fwd, out, lse = triton_dms.forward_call(q, k, v, kb, True, shape.window, scale)
@@ -63,7 +64,7 @@ def sample_calls(shape: Shape) -> list:
 def _source(kernel, call, tiles: dict, target):
     """Triton's ASTSource for ``call`` with ``tiles``, specialised like the JIT's launch (ints equal to 1 become
     constants, ints and pointers divisible by 16 get the divisibility hint)."""
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import ASTSource, make_backend  # optional: see triton_dms._kernels
     from triton._C.libtriton import native_specialize_impl  # Triton's JIT specialiser (triton 3.7)
 
     backend = type(make_backend(target))
@@ -83,7 +84,7 @@ def _source(kernel, call, tiles: dict, target):
 
 
 def _tool(name: str, arch: str) -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas  # optional: see triton_dms._kernels
 
     ptxas = get_ptxas(int(arch.rstrip("a"))).path
     return ptxas if name == "ptxas" else str(Path(ptxas).with_name(name))
@@ -113,7 +114,8 @@ def tile_loop_spills(sass: str) -> int:
         if b and int(b.group(1), 16) < addr:
             loops.append((int(b.group(1), 16), addr))
     tiles = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and re.search(r"\bH[G]?MMA\b", t) for a, t in ins)]
-    inner = [(lo, hi) for lo, hi in tiles if not any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi for l2, h2 in tiles)]
+    inner = [(lo, hi) for lo, hi in tiles
+             if not any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi for l2, h2 in tiles)]
     return sum(1 for a, t in ins if re.search(r"\b(LDL|STL)\b", t) and any(lo <= a <= hi for lo, hi in inner))
 
 
@@ -128,8 +130,8 @@ def _sass(cubin: bytes, arch: str) -> str:
 def compile_call(call, config, arch: str = "90a") -> dict:
     """Compile ``call`` with one autotune ``config`` (row tile, column tile, warps, stages) for sm_``arch``;
     ``config`` None: a kernel with fixed tiles (in its consts), launched with Triton's default warps and stages."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
+    from triton import compile as triton_compile  # optional: see triton_dms._kernels
+    from triton.backends.compiler import GPUTarget  # optional: see triton_dms._kernels
 
     mod = triton_dms._kernels()
     if config is None:
@@ -166,8 +168,8 @@ def report(shape: Shape, arch: str = "90a", configs: dict | None = None) -> list
 
 
 def markdown(rows: list) -> str:
-    out = ["| kernel | tiles, warps, stages | registers | spill bytes (st/ld) | spills in tile loops | shared KiB | fits "
-           "| wgmma | mma.sync |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| kernel | tiles, warps, stages | registers | spill bytes (st/ld) | spills in tile loops | shared KiB "
+           "| fits | wgmma | mma.sync |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["config"]
         cfg = "fixed" if c is None else f"{c[0]}x{c[1]}, {c[2]}w, {c[3]}s"
@@ -175,7 +177,8 @@ def markdown(rows: list) -> str:
             out.append(f"| {r['kernel']} | {cfg} | error: {r['error'][:120]} | | | | | | |")
             continue
         out.append(f"| {r['kernel']} | {cfg} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
-                   f"{r['tile_loop_spills']} | {r['shared_bytes'] / 1024:.0f} | {'yes' if r['fits'] else 'NO'} | {r['wgmma']} | {r['mma_sync']} |")
+                   f"{r['tile_loop_spills']} | {r['shared_bytes'] / 1024:.0f} | {'yes' if r['fits'] else 'NO'} | "
+                   f"{r['wgmma']} | {r['mma_sync']} |")
     return "\n".join(out)
 
 
@@ -205,7 +208,8 @@ def main(argv=None) -> int:
     rows = report(shape, args.arch)
     print(markdown(rows))
     if args.json:
-        args.json.write_text(json.dumps({"arch": args.arch, "shape": dataclasses.asdict(shape), "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"arch": args.arch, "shape": dataclasses.asdict(shape), "rows": rows},
+                                        indent=1))
     return 1 if any("error" in r or not r["fits"] for r in rows) else 0
 
 
