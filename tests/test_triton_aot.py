@@ -14,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="the ahead-of-time compile needs triton (pip install -e '.[dev]')")
 
+
 @pytest.fixture(scope="module")
 def hopper_rows():
     from dms_megatron.core import triton_aot

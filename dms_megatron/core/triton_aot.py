@@ -83,10 +83,15 @@ def _source(kernel, call, tiles: dict, target):
     return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+def _capability(arch: str) -> int:
+    """"90a" -> 90: the compute capability of an sm_ARCH name."""
+    return int(arch.rstrip("a"))
+
+
 def _tool(name: str, arch: str) -> str:
     from triton.backends.nvidia.compiler import get_ptxas  # optional: see triton_dms._kernels
 
-    ptxas = get_ptxas(int(arch.rstrip("a"))).path
+    ptxas = get_ptxas(_capability(arch)).path
     return ptxas if name == "ptxas" else str(Path(ptxas).with_name(name))
 
 
@@ -140,10 +145,11 @@ def compile_call(call, config, arch: str = "90a") -> dict:
         rows, cols, warps, stages = config
         row_tile, _, col_tile, _ = triton_dms.TILES[call.name]
         tiles = {row_tile: rows, col_tile: cols}
-    cap = int(arch.rstrip("a"))
+    cap = _capability(arch)
+    target = GPUTarget("cuda", cap, 32)
     t0 = time.time()
-    src = _source(getattr(mod, call.name), call, tiles, GPUTarget("cuda", cap, 32))
-    ck = triton_compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
+    src = _source(getattr(mod, call.name), call, tiles, target)
+    ck = triton_compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
     ptx = ck.asm["ptx"]
     row = {"kernel": call.name, "config": None if config is None else list(config), "shared_bytes": ck.metadata.shared,
            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"), **_ptxas_usage(ptx, arch),
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shape = Shape(heads=args.heads, kv_heads=args.kv_heads, seq=args.seq, head_dim=args.head_dim,
                   window=args.window, dtype=args.dtype)
-    if int(args.arch.rstrip("a")) not in SHARED_LIMIT:
+    if _capability(args.arch) not in SHARED_LIMIT:
         print(f"triton_aot: --arch {args.arch} unknown: use one of {sorted(SHARED_LIMIT)} (90a for Hopper)",
               file=sys.stderr)
         return 2
