@@ -79,12 +79,13 @@ def test_a_candidate_the_chip_cannot_hold_is_reported_and_fails_the_run(monkeypa
     assert not [line for line in out.splitlines() if line.startswith("| dms_bwd_dkdv")]   # no candidates: none
 
 
-def test_unknown_arch_is_one_line_and_exit_2(capsys):
+@pytest.mark.parametrize("arch", ["75", "hopper"])
+def test_unknown_arch_is_one_line_and_exit_2(capsys, arch):
     from dms_megatron.core import triton_aot
 
-    assert triton_aot.main(["--arch", "75"]) == 2
+    assert triton_aot.main(["--arch", arch]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--arch 75" in err
+    assert len(err.splitlines()) == 1 and f"--arch {arch}" in err
 
 
 def test_autotune_picks_reads_each_kernels_choice(monkeypatch):

@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shape = Shape(heads=args.heads, kv_heads=args.kv_heads, seq=args.seq, head_dim=args.head_dim,
                   window=args.window, dtype=args.dtype)
-    if _capability(args.arch) not in SHARED_LIMIT:
+    if not args.arch.rstrip("a").isdigit() or _capability(args.arch) not in SHARED_LIMIT:
         print(f"triton_aot: --arch {args.arch} unknown: use one of {sorted(SHARED_LIMIT)} (90a for Hopper)",
               file=sys.stderr)
         return 2
