@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dms_megatron.core.attention import dense_dms_attention, flex_dms_attention
+from dms_megatron.core.dense_dms import dense_dms_attention
+from dms_megatron.core.flex_dms import flex_dms_attention
 
 B, NP, NG, HN, WINDOW = 1, 8, 2, 64, 256
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dms_megatron.core.attention import dense_dms_attention, flex_dms_attention  # noqa: E402
+from dms_megatron.core.dense_dms import dense_dms_attention  # noqa: E402
+from dms_megatron.core.flex_dms import flex_dms_attention  # noqa: E402
 from dms_megatron.megatron.distributed import init_process_groups  # noqa: E402
 
 from model_steps import step_markdown, step_table  # noqa: E402

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dms_megatron.core import attention
-from dms_megatron.core.attention import dense_dms_attention, flex_bucket, flex_dms_attention
+from dms_megatron.core import flex_dms
+from dms_megatron.core.dense_dms import dense_dms_attention
+from dms_megatron.core.flex_dms import flex_bucket, flex_dms_attention
 from attention_inputs import random_qkvz
 
 
@@ -34,7 +35,7 @@ SHAPES = [(5, 5, 2), (17, 17, 3), (40, 40, 7), (64, 64, 0), (100, 100, 9), (127,
 
 
 def test_many_lengths_one_compiled_graph_equal_to_dense(monkeypatch):
-    monkeypatch.setattr(attention, "_FLEX_GRAPHS", set())
+    monkeypatch.setattr(flex_dms, "_FLEX_GRAPHS", set())
     unique = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():
         for i, (sq, sk, w) in enumerate(SHAPES):
@@ -43,12 +44,12 @@ def test_many_lengths_one_compiled_graph_equal_to_dense(monkeypatch):
                 got = flex_dms_attention(q, k, v, z, w, hard=hard, compiled=True)
                 assert got.shape == q.shape
                 assert (got - dense_dms_attention(q, k, v, z, w, hard=hard)).abs().max() <= 1e-5, (sq, sk, w, hard)
-    assert len(attention._FLEX_GRAPHS) == 1
+    assert len(flex_dms._FLEX_GRAPHS) == 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - unique <= 1
 
 
 def test_one_shape_past_the_recompile_limit_raises(monkeypatch):
-    monkeypatch.setattr(attention, "_FLEX_GRAPHS", {("already", i) for i in range(3)})
+    monkeypatch.setattr(flex_dms, "_FLEX_GRAPHS", {("already", i) for i in range(3)})
     q, k, v, z = _inputs(1, 2, 1, 200, 200)
     with torch._dynamo.config.patch(recompile_limit=3), torch.no_grad(), \
             pytest.raises(RuntimeError, match="recompile_limit=3"):

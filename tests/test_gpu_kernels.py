@@ -14,7 +14,8 @@ import importlib.util
 import pytest
 import torch
 
-from dms_megatron.core.attention import dense_dms_attention, flex_dms_attention
+from dms_megatron.core.dense_dms import dense_dms_attention
+from dms_megatron.core.flex_dms import flex_dms_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")

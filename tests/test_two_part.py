@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from test_core_attention import _loop_attention
+from attention_inputs import loop_attention
 
-from dms_megatron.core.attention import dense_dms_attention
+from dms_megatron.core.dense_dms import dense_dms_attention
 from dms_megatron.core.two_part import _merge, two_part_dms_attention, two_part_dms_attention_parts
 from attention_inputs import random_qkvz
 
@@ -43,7 +43,7 @@ def test_two_part_matches_dense_and_loop(ng, sq, sk, w, chunk, hard):
     fn = lambda *a: two_part_dms_attention_parts(*a, w, hard=hard, parts="torch", chunk=chunk)  # noqa: E731
     out, grads = _fwd_bwd(fn, q, k, v, z, go)
     ref_out, ref_grads = _fwd_bwd(lambda *a: dense_dms_attention(*a, w, hard=hard), q, k, v, z, go)
-    loop = _loop_attention(q.double(), k.double(), v.double(), z.double(), w, hard)
+    loop = loop_attention(q.double(), k.double(), v.double(), z.double(), w, hard)
     assert (out.double() - loop).abs().max() <= 1e-5
     assert (out - ref_out).abs().max() <= 1e-5
     for name, g, r in zip("qkvz", grads, ref_grads):
@@ -58,7 +58,7 @@ def test_without_key_logits_is_causal_attention():
     go = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
     out, grads = _fwd_bwd(lambda q_, k_, v_, _z: two_part_dms_attention(q_, k_, v_, None, 3), q, k, v, None, go)
     ref_out, ref_grads = _fwd_bwd(lambda q_, k_, v_, _z: dense_dms_attention(q_, k_, v_, None, 3), q, k, v, None, go)
-    assert (out.double() - _loop_attention(q.double(), k.double(), v.double(), None, 3, False)).abs().max() <= 1e-5
+    assert (out.double() - loop_attention(q.double(), k.double(), v.double(), None, 3, False)).abs().max() <= 1e-5
     for g, r in zip(grads, ref_grads):
         assert (g - r).abs().max() <= 1e-5
 

@@ -5,7 +5,7 @@ its own import), or directly:
 
   TRITON_INTERPRET=1 python -m pytest tests/triton_interp_cases.py
 
-Forward against the per-query loop of test_core_attention and against the dense kernel; gradients w.r.t. q, k,
+Forward against the per-query loop (attention_inputs.loop_attention) and against the dense kernel; gradients w.r.t. q, k,
 v and the eviction logits against a differentiable per-query loop (written here, independent of masks.py) and
 against the dense kernel. Tiny sizes with 16-wide tiles so every tile mode (FAR, PLAIN, MIXED, ragged) occurs.
 """
@@ -23,9 +23,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 pytest.importorskip("triton", reason="the Triton kernel tests need triton (pip install triton)")
 
-from test_core_attention import _loop_attention  # noqa: E402
+from attention_inputs import loop_attention  # noqa: E402
 
-from dms_megatron.core.attention import dense_dms_attention  # noqa: E402
+from dms_megatron.core.dense_dms import dense_dms_attention  # noqa: E402
 from dms_megatron.core.triton_dms import Blocks, triton_dms_attention_blocks  # noqa: E402
 from attention_inputs import random_qkvz  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_forward_and_gradients_match_loops_and_dense(b, np_, ng, sq, sk, w, hard
     go = torch.randn(b, np_, sq, q.shape[-1], generator=torch.Generator().manual_seed(1))
     out, grads = _grads(lambda *a: triton_dms_attention_blocks(*a, w, hard=hard, blocks=SMALL), q, k, v, z, go)
 
-    loop = _loop_attention(q.double(), k.double(), v.double(), z.double(), w, hard)
+    loop = loop_attention(q.double(), k.double(), v.double(), z.double(), w, hard)
     assert (out.double() - loop).abs().max() <= 1e-4
 
     f64 = [t.double() for t in (q, k, v, z)]

@@ -25,7 +25,7 @@ class DMSConfig:
     alpha_scale, alpha_offset: decision logit = source * alpha_scale - alpha_offset.
     tau: Gumbel-sigmoid temperature during training.
     backend: the attention kernel (``dms_megatron.core.attention.BACKENDS``); "auto" picks the fastest exact
-        kernel of the device at build time (``core.attention.resolve_backend``).
+        kernel of the device once, when the model is built (``core.attention.resolve_backend_name``).
     initial_cr, final_cr, final_step: the compression-ratio schedule, linear from initial_cr at step 0 to final_cr
         at final_step (constant after). The target evicted fraction is 1 - 1/CR.
     """

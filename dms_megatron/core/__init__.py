@@ -1,6 +1,6 @@
 """Pure DMS math: gating, masks, losses, schedules and attention kernels. No Megatron imports here."""
 
-from dms_megatron.core.attention import BACKENDS, dense_dms_attention, flex_dms_attention, resolve_backend
+from dms_megatron.core.attention import BACKENDS, KERNELS, DMSKernel, load_kernel, resolve_backend
 from dms_megatron.core.gating import (
     apply_alpha_per,
     global_ids,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from megatron.core.parallel_state import RankGenerator
 
 from dms_megatron.config import ConfigError, RefitConfig
-from dms_megatron.core.attention import resolve_backend
+from dms_megatron.core.attention import resolve_backend_name
 from dms_megatron.launch.hydra_cli import fail, preflight, register_schema
 from dms_megatron.megatron.distributed import validate_model_layout
 
@@ -67,7 +67,7 @@ def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4) -> int:
     stage. The teacher runs without grad (one layer's buffers, not counted)."""
     mc, t, s, b = cfg.model, cfg.train, cfg.train.seq_length, cfg.train.micro_batch_size
     h, a = mc.hidden_size, mc.num_attention_heads
-    dense = resolve_backend(cfg.dms.backend, "cuda")[0] == "dense"
+    dense = resolve_backend_name(cfg.dms.backend, "cuda") == "dense"
     per_layer_16 = s * b * h * 34 + (5 * a * s * s * b if dense else 0)
     if cfg.parallel.sequence_parallel:
         per_layer_16 //= tp

@@ -28,7 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from dms_megatron.config import DMSConfig
-from dms_megatron.core.attention import resolve_backend
+from dms_megatron.core.attention import load_kernel, resolve_backend_name
 from dms_megatron.core.gating import (
     global_ids,
     gumbel_sigmoid,
@@ -196,6 +196,10 @@ class DMSCoreAttention(MegatronModule):
             raise NotImplementedError("apply_query_key_layer_scaling is not supported by DMS attention")
         self.channel = DecisionChannel()
         self._owner = None
+        # "auto" is resolved here, once, for the device this model is built for (CUDA when there is one)
+        self.kernel_device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.kernel_name = resolve_backend_name(dms_config.backend, self.kernel_device)
+        self.kernel = load_kernel(self.kernel_name)
 
     def bind(self, owner: DMSSelfAttention) -> None:
         # A plain attribute (not a submodule): the owner holds this module, not the other way round.
@@ -208,7 +212,11 @@ class DMSCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("DMS attention does not take an external attention_bias")
         logits = self.channel.receive()
-        kernel = resolve_backend(self.dms_config.backend, query.device.type)[1]
+        if self.dms_config.backend == "auto" and query.device.type != self.kernel_device:
+            raise RuntimeError(f"DMS core attention was built for {self.kernel_device} (dms.backend=auto -> "
+                               f"{self.kernel_name}) but runs on {query.device.type}: build the model on the device "
+                               f"it runs on, or set dms.backend explicitly")
+        kernel = self.kernel
         sq, b, np_, hn = query.shape
         ng = key.shape[2]
         cfg = self.dms_config
@@ -218,7 +226,7 @@ class DMSCoreAttention(MegatronModule):
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
         v = value.permute(1, 2, 0, 3)
         if logits is None:  # teacher mode: the original model
-            out = kernel(q, k, v, None, cfg.window, self.softmax_scale)
+            out = kernel(q, k, v, key_logits=None, window=cfg.window, softmax_scale=self.softmax_scale)
         else:
             out = self._dms_attention(kernel, q, k, v, logits.permute(1, 2, 0))  # logits -> [b, ng, s]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
@@ -249,13 +257,15 @@ class DMSCoreAttention(MegatronModule):
             if cfg.alpha_per == "layer":
                 hard, noisy = self._head0(hard), self._head0(noisy)
             key_scores = decisions_to_key_logits(noisy)  # key k <- position k+1; last key: -inf (keep)
-            out = kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=False)
+            out = kernel(q, k, v, key_logits=key_scores, window=cfg.window, softmax_scale=self.softmax_scale,
+                         hard=False)
             decisions = hard
         else:
             if cfg.alpha_per == "layer":
                 logits = self._head0(logits)
             key_scores = decisions_to_key_logits(logits)
-            out = kernel(q, k, v, key_scores, cfg.window, self.softmax_scale, hard=True)
+            out = kernel(q, k, v, key_logits=key_scores, window=cfg.window, softmax_scale=self.softmax_scale,
+                         hard=True)
             decisions = hard_decisions(logits).to(logits.dtype)
         rt.fractions[layer] = evicted_fraction(decisions, rt.valid)
         if rt.record_flags:
