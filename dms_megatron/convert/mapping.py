@@ -303,11 +303,13 @@ def dms_from_hf(hf: dict):
     if "dms_window_size" not in hf:
         return None
     cr = float(hf.get("dms_cr", 1.0))
+    d = DMSConfig()  # a key the file omits takes DMSConfig's default
     return DMSConfig(window=int(hf["dms_window_size"]),
                      alpha_source="adapter" if hf.get("dms_separate_alpha", False) else "qneuron",
-                     alpha_per=hf.get("dms_alpha_per", "head"), alpha_scale=float(hf.get("dms_alpha_scale", 100.0)),
-                     alpha_offset=float(hf.get("dms_initial_alpha_offset", 5.0)), tau=float(hf.get("dms_tau", 0.1)),
-                     initial_cr=1.0, final_cr=max(cr, 1.0))
+                     alpha_per=hf.get("dms_alpha_per", d.alpha_per),
+                     alpha_scale=float(hf.get("dms_alpha_scale", d.alpha_scale)),
+                     alpha_offset=float(hf.get("dms_initial_alpha_offset", d.alpha_offset)),
+                     tau=float(hf.get("dms_tau", d.tau)), initial_cr=1.0, final_cr=max(cr, 1.0))
 
 
 

@@ -17,8 +17,7 @@ import torch
 # --------------------------------------------------------------------------------------------------------------
 
 
-def qneuron_decision_logits(query: torch.Tensor, num_groups: int, scale: float = 100.0,
-                            offset: float = 5.0) -> torch.Tensor:
+def qneuron_decision_logits(query: torch.Tensor, num_groups: int, scale: float, offset: float) -> torch.Tensor:
     """Decision logits from the borrowed query neuron.
 
     query: [..., np, hn] (e.g. Megatron's [s, b, np, hn]), before RoPE (after q-norm if the model has one).
@@ -45,7 +44,7 @@ def zero_borrowed_neuron(query: torch.Tensor, num_groups: int) -> torch.Tensor:
     return query * keep
 
 
-def projection_decision_logits(projected: torch.Tensor, scale: float = 100.0, offset: float = 5.0) -> torch.Tensor:
+def projection_decision_logits(projected: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
     """Adapter variant: ``Linear(RMSNorm(h_pre))`` output [..., ng] -> logits [..., ng] = x * scale - offset."""
     return projected * scale - offset
 

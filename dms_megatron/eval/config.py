@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from dms_megatron.config import ConfigError, RefitConfig, fail, from_dict
+from dms_megatron.config import ConfigError, PressConfig, RefitConfig, check_ints, fail, from_dict
 from dms_megatron.inference.press import PRESSES
 
 
@@ -28,8 +28,7 @@ class EvalConfig:
     kl_sequences: int = 8
     kl_length: Optional[int] = None      # null = refit.train.seq_length
     kl_bucket: int = 32                  # positions per entry of each row's kl_by_position
-    streamingllm_sinks: int = 4
-    quest_page: int = 4
+    press: PressConfig = field(default_factory=PressConfig)  # the baselines' settings (sinks, Quest's page)
     refit: RefitConfig = field(default_factory=RefitConfig)
 
     def __post_init__(self) -> None:
@@ -45,11 +44,7 @@ class EvalConfig:
         extra = sorted(set(self.students) - keys)
         if extra:
             raise ConfigError(f"eval.students has CR(s) {extra} that are not in eval.crs={self.crs}")
-        for name in ("kl_sequences", "kl_bucket", "streamingllm_sinks", "quest_page"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "streamingllm_sinks" else 1):
-                fail("eval", name, v, "must be a non-negative integer" if name == "streamingllm_sinks"
-                      else "must be an integer >= 1")
+        check_ints("eval", self, ("kl_sequences", "kl_bucket"))
         if self.kl_length is not None and not 2 <= self.kl_length <= self.refit.train.seq_length:
             fail("eval", "kl_length", self.kl_length, f"must lie in [2, refit.train.seq_length="
                                                         f"{self.refit.train.seq_length}]")

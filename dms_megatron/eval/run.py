@@ -139,9 +139,7 @@ def _baseline_budgets(name: str, dms: dict, layers: int, ng: int, items: List[di
 
 
 def _budget_press(name: str, cfg: EvalConfig, budget: int):
-    kw = {"streamingllm": {"sinks": min(cfg.streamingllm_sinks, budget - 1)},
-          "quest": {"page": min(cfg.quest_page, budget)}}.get(name, {})
-    return make_press(name, budget=budget, **kw)
+    return make_press(name, budget=budget, settings=cfg.press)
 
 
 class Progress:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Type
 
+from dms_megatron.config import PressConfig
 from dms_megatron.inference.press.base import Press, check_budget, keep_top
 from dms_megatron.inference.press.dms import DMSPress
 from dms_megatron.inference.press.h2o import H2OPress
@@ -23,12 +24,16 @@ REGISTRY: Dict[str, Type[Press]] = {c.name: c for c in (VanillaPress, DMSPress, 
 PRESSES = tuple(REGISTRY)
 
 
-def make_press(name: str, *, budget: Optional[int] = None, window: Optional[int] = None, **kw) -> Press:
-    """Build a press by name. dms needs ``window``; tova, h2o, streamingllm, quest need ``budget``."""
+def make_press(name: str, *, budget: Optional[int] = None, window: Optional[int] = None,
+               settings: Optional[PressConfig] = None, **kw) -> Press:
+    """Build a press by name. dms needs ``window``; tova, h2o, streamingllm, quest need ``budget``. Sinks and page
+    size come from ``settings`` (default ``PressConfig()``, clamped to the budget) unless given in ``kw``."""
     if name not in REGISTRY:
         raise ValueError(f"press {name!r} is unknown; allowed: {', '.join(PRESSES)}")
     cls = REGISTRY[name]
     given = {"budget": budget, "window": window}
+    if "budget" in cls.required:
+        kw = {**(settings or PressConfig()).kwargs(name, check_budget(name, budget)), **kw}
     return cls(*(given[a] for a in cls.required), **kw)
 
 

@@ -3,8 +3,6 @@ over all queries so far (summed over the query heads of the KV group), ``budget`
 
 from __future__ import annotations
 
-from typing import Optional
-
 from dms_megatron.inference.press.base import Press, check_budget, keep_top
 
 
@@ -12,9 +10,9 @@ class H2OPress(Press):
     name = "h2o"
     required = ("budget",)
 
-    def __init__(self, budget, recent: Optional[int] = None) -> None:
+    def __init__(self, budget, recent: int) -> None:
         self.budget = check_budget(self.name, budget)
-        self.recent = self.budget // 2 if recent is None else recent
+        self.recent = recent
         if not 0 <= self.recent <= self.budget:
             raise ValueError(f"press h2o: recent={self.recent} must lie in [0, budget={self.budget}]")
 

@@ -16,7 +16,7 @@ class QuestPress(Press):
     name = "quest"
     required = ("budget",)
 
-    def __init__(self, budget, page: int = 16) -> None:
+    def __init__(self, budget, page: int) -> None:
         self.budget = check_budget(self.name, budget)
         if page < 1 or page > self.budget:
             raise ValueError(f"press quest: page={page} must lie in [1, budget={self.budget}]")

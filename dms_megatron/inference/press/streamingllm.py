@@ -9,7 +9,7 @@ class StreamingLLMPress(Press):
     name = "streamingllm"
     required = ("budget",)
 
-    def __init__(self, budget, sinks: int = 4) -> None:
+    def __init__(self, budget, sinks: int) -> None:
         self.budget = check_budget(self.name, budget)
         if not 0 <= sinks < self.budget:
             raise ValueError(f"press streamingllm: sinks={sinks} must be >= 0 and < budget={self.budget}")
