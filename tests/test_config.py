@@ -2,7 +2,7 @@
 
 import pytest
 
-from dms_megatron.config import ConfigError, DMSConfig, ModelConfig, from_dict
+from dms_megatron.config import ConfigError, DMSConfig, ModelConfig, RefitConfig, from_dict
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -86,3 +86,39 @@ def test_hydra_defaults_are_the_dataclass_defaults():
     expected = EvalConfig()
     expected.refit.logging.wandb = False
     assert EvalConfig.from_dict(ev) == expected
+
+
+@pytest.mark.parametrize("override,line", [
+    ("train.lr=abc", "error: train.lr=abc is invalid: must be float"),
+    ("logging.wandb=maybe", "error: logging.wandb=maybe is invalid: must be boolean"),  # OmegaConf's own words differ
+    ("dms.window=[1,2]", "error: dms.window=[1, 2] is invalid: must be integer"),
+    ("~dms.windw", "error: unknown key 'dms.windw'; did you mean dms.window?"),
+    ("dms.final_crr=8", "error: unknown key 'dms.final_crr'; did you mean dms.final_cr?"),
+    ("parallel=tp3", "error: parallel=tp3 is not a preset; did you mean parallel=tp2?"),
+])
+def test_hydra_errors_come_from_exception_types_and_the_schema(capsys, override, line):
+    """In-process pre-flight: the line is built from the exception's fields (key, value, missing preset) and the
+    schema's field types, not from Hydra's prose."""
+    from dms_megatron.launch.hydra_cli import preflight, register_schema
+
+    register_schema("refit_schema", RefitConfig)
+    with pytest.raises(SystemExit) as e:
+        preflight("refit", [override], RefitConfig, RefitConfig.from_dict)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(line + ("" if "preset" in line else "\n"))
+
+
+def test_override_keys_are_checked_against_the_schema_before_composing():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dms_megatron.eval.config import EvalConfig
+    from dms_megatron.launch.hydra_cli import schema_fields, unknown_override_key
+
+    def first_unknown(schema, *ovs):
+        parsed = OverridesParser.create().parse_overrides(list(ovs))
+        return unknown_override_key(parsed, schema_fields(schema), ["dms", "model", "parallel", "train"])
+
+    assert first_unknown(RefitConfig, "dms=paper", "parallel.tp=2", "+extra=1", "embedded=false") is None
+    assert first_unknown(RefitConfig, "dms.window=8", "training.steps=3") == "training.steps"
+    assert first_unknown(EvalConfig, "students.4=/runs/a", "refit.dms.window=8", "press.quest_page=8") is None
+    assert first_unknown(EvalConfig, "refit.dms.windw=8") == "refit.dms.windw"

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import sys
+import typing
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dms_megatron.config import BAD_INPUT_EXIT_CODE, ConfigError
 
@@ -53,16 +53,51 @@ def job_overrides(argv: Sequence[str]) -> List[str]:
     return out
 
 
-def schema_keys(cls, prefix: str = "") -> List[str]:
-    """Every dotted key of a (nested) config dataclass."""
-    keys = []
+def schema_fields(cls, prefix: str = "") -> Dict[str, Any]:
+    """Every dotted leaf key of a (nested) config dataclass -> its resolved type annotation."""
+    hints = typing.get_type_hints(cls)
+    out: Dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
-            keys += schema_keys(sub, f"{prefix}{f.name}.")
+            out.update(schema_fields(sub, f"{prefix}{f.name}."))
         else:
-            keys.append(prefix + f.name)
-    return keys
+            out[prefix + f.name] = hints[f.name]
+    return out
+
+
+def schema_keys(cls, prefix: str = "") -> List[str]:
+    """Every dotted key of a (nested) config dataclass."""
+    return list(schema_fields(cls, prefix))
+
+
+def _type_word(annotation) -> str:
+    """What a value of ``annotation`` must be, in the words of a one-line error ("integer", "float", ...)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        annotation = args[0]
+    origin = typing.get_origin(annotation) or annotation
+    return {int: "integer", float: "float", bool: "boolean", str: "string", list: "a list",
+            dict: "a mapping"}.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+def _is_mapping(annotation) -> bool:
+    return (typing.get_origin(annotation) or annotation) is dict
+
+
+def unknown_override_key(overrides, fields: Dict[str, Any], groups: Iterable[str]) -> Optional[str]:
+    """The key of the first parsed override the schema lacks (a config group, a ``+`` addition, a key under a
+    mapping field and a section replaced whole are left to Hydra and the dataclass), else None."""
+    sections = {k.rsplit(".", 1)[0] for k in fields if "." in k}
+    sections |= {".".join(k.split(".")[:i]) for k in sections for i in range(1, k.count(".") + 1)}
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or "/" in key or "@" in key or key in groups or key in sections:
+            continue
+        if key in fields or any(key.startswith(k + ".") and _is_mapping(t) for k, t in fields.items()):
+            continue
+        return key
+    return None
 
 
 #: Megatron-LM / NeMo argument names a user may type, and this schema's key for each
@@ -93,45 +128,55 @@ def suggest_key(key: str, keys: Iterable[str]) -> Optional[str]:
     return same_leaf[near[0]] if near else None
 
 
-def explain(e: Exception, keys: Iterable[str]) -> str:
-    """One line for a Hydra / OmegaConf composition error, with the closest valid key or group option."""
-    text = "\n".join(str(x) for x in (e, e.__cause__) if x is not None)  # Hydra wraps OmegaConf's reason
+def unknown_key_line(key: str, keys: Iterable[str]) -> str:
+    near = suggest_key(key, keys)
+    return f"unknown key {key!r}" + (f"; did you mean {near}?" if near else "")
+
+
+def explain(e: Exception, fields: Dict[str, Any]) -> str:
+    """One line for a Hydra / OmegaConf composition error, read from the exception's type and fields (the missing
+    preset and its options, the key and value OmegaConf could not take) and the schema's types."""
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
+        group, _, name = e.missing_cfg_file.rpartition("/")
+        options = list(e.options or [])
+        near = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
+        hint = f"did you mean {group}={near[0]}? " if near else ""
+        return f"{group}={name} is not a preset; {hint}(available: {', '.join(options)})"
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e  # Hydra wraps OmegaConf's reason
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, ValidationError) and key in fields:
+        return f"{key}={cause.value} is invalid: must be {_type_word(fields[key])}"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        return unknown_key_line(key, fields)
+    text = str(e)
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
-    override = re.search(r"(?:Could not override|Error merging override) '?([^'=\s]+)", text)
-    full_key = re.search(r"full_key: (\S+)", text)
-    key = override.group(1) if override else (full_key.group(1) if full_key else None)
-    if key is None:
-        m = re.search(r"Key '([^']+)' (?:is )?not in", text)
-        key = m.group(1) if m else None
-    typed = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
-    if typed and key:
-        return f"{key}={typed.group(1)} is invalid: must be {typed.group(2).lower()}"
-    group = re.search(r"Could not find '([^/']+)/([^']+)'", text)
-    if group:
-        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
-        near = difflib.get_close_matches(group.group(2), options, n=1, cutoff=0.4)
-        hint = f"did you mean {group.group(1)}={near[0]}? " if near else ""
-        return f"{group.group(1)}={group.group(2)} is not a preset; {hint}(available: {', '.join(options)})"
-    if "not in" in text or "Could not override" in text or "Could not append" in text:
-        near = suggest_key(key or "", keys)
-        return f"unknown key {key!r}" + (f"; did you mean {near}?" if near else "")
-    return f"{first}" + (f" ({key})" if key and key not in first else "")
+    return first + (f" ({key})" if key and key not in first else "")
 
 
 def preflight(config_name: str, argv: Sequence[str], schema, build: Callable[[dict], object]) -> object:
     """Compose ``config_name`` with the command line's overrides (first sweep point) and build the validated config
     with ``build``; any error is one ``error:`` line and exit 2. Returns the built config."""
     GlobalHydra.instance().clear()
+    fields = schema_fields(schema)
     try:
+        overrides = job_overrides(argv)
+        key = unknown_override_key(OverridesParser.create().parse_overrides(overrides), fields, config_groups())
+        if key is not None:
+            raise ConfigError(unknown_key_line(key, fields))
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=job_overrides(argv))
+            cfg = compose(config_name=config_name, overrides=overrides)
         return build(OmegaConf.to_container(cfg, resolve=True))
     except ConfigError as e:
         fail(str(e))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        fail(explain(e, schema_keys(schema)))
+        fail(explain(e, fields))
     finally:
         GlobalHydra.instance().clear()
+
+
+def config_groups() -> List[str]:
+    """The config groups (preset folders) of the packaged configs: ``model``, ``dms``, ``parallel`` ..."""
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 
 
 HELP_FLAGS = ("--help", "-h", "--hydra-help", "--info")
@@ -146,5 +191,5 @@ def run_hydra(config_name: str, schema, build: Callable[[dict], object], task: C
     hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)()
 
 
-__all__ = ["CONFIG_DIR", "register_schema", "job_overrides", "preflight", "explain", "schema_keys", "fail",
-           "run_hydra"]
+__all__ = ["CONFIG_DIR", "register_schema", "job_overrides", "preflight", "explain", "schema_keys", "schema_fields",
+           "unknown_override_key", "config_groups", "fail", "run_hydra"]
