@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,28 @@ def test_missing_directory(tmp_path, capsys):
     assert main(["--hf", str(tmp_path / "empty"), "--prompt-ids", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --hf {tmp_path / 'empty'}: ") and "config.json does not exist" in err
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, megatron_single):
+    from refit_fixtures import shared_assets
+
+    return shared_assets(tmp_path_factory)
+
+
+def test_generate_accepts_a_refit_run_dir_and_names_its_own_flags(assets, tmp_path):
+    from cli_helpers import env, one_error_line
+    from refit_fixtures import refit_dict, run_refit
+
+    from dms_megatron.config import RefitConfig
+
+    run_refit(RefitConfig.from_dict(refit_dict(assets, steps=1, save_interval=1)), tmp_path / "run", report=False)
+    assert main(["--megatron", str(tmp_path / "run"), "--prompt-ids", "1 2 3", "--max-new-tokens", "2",
+                 "--json"]) == 0
+    r = subprocess.run([sys.executable, "-m", "dms_megatron.launch.generate", "--hf", str(tmp_path / "nope"),
+                        "--prompt-ids", "1"], env=env(), capture_output=True, text=True, timeout=300)
+    assert one_error_line(r) == f"error: --hf {tmp_path / 'nope'} does not exist"
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "-m", "dms_megatron.launch.generate", "--hf", str(tmp_path / "empty"),
+                        "--prompt-ids", "1"], env=env(), capture_output=True, text=True, timeout=300)
+    assert one_error_line(r).startswith(f"error: --hf {tmp_path / 'empty'}: ")
