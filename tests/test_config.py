@@ -15,6 +15,10 @@ from dms_megatron.config import ConfigError, DMSConfig, ModelConfig, RefitConfig
     ({"final_cr": 0.5}, "dms.final_cr"),
     ({"initial_cr": 0.9}, "dms.initial_cr"),
     ({"final_step": 0}, "dms.final_step"),
+    ({"cr_loss": "two_sided"}, "allowed values: one_sided, band"),
+    ({"cr_band": -0.1}, "dms.cr_band=-0.1"),
+    ({"cr_band": 2.0}, "dms.cr_band=2.0"),
+    ({"cr_band": "wide"}, "dms.cr_band='wide'"),
 ])
 def test_dms_config_errors(kwargs, needle):
     with pytest.raises(ConfigError) as e:

@@ -12,7 +12,8 @@ from dms_megatron.core.gating import (
     qneuron_decision_logits,
     zero_borrowed_neuron,
 )
-from dms_megatron.core.losses import compression_loss, cr_at_step, evicted_fraction, kd_loss, target_evicted_fraction
+from dms_megatron.core.losses import (band_upper_fraction, compression_loss, cr_at_step, evicted_fraction, kd_loss,
+                                      target_evicted_fraction)
 
 
 def test_qneuron_picks_last_dim_of_first_head_per_group():
@@ -84,6 +85,34 @@ def test_compression_loss_is_one_sided():
     # target 0.75: sample 0 is short by 0.25, sample 1 over-evicts (costs nothing) -> mean 0.125
     assert compression_loss(frac, 0.75).item() == pytest.approx(0.125)
     assert compression_loss(torch.tensor([0.8, 0.9]), 0.75).item() == 0.0
+    assert compression_loss(torch.tensor([0.8, 0.9]), 0.75, upper=None).item() == 0.0
+
+
+def test_band_upper_fraction_hand_values():
+    # CR 4 with a 10% band: CR 4.4 -> evicted fraction 1 - 1/4.4 = 0.772727...
+    assert band_upper_fraction(4.0, 0.1) == pytest.approx(1 - 1 / 4.4)
+    assert band_upper_fraction(8.0, 0.0) == pytest.approx(0.875)
+    with pytest.raises(ValueError, match="band"):
+        band_upper_fraction(4.0, -0.1)
+
+
+def test_band_compression_loss_values_and_gradients_below_inside_above():
+    # target 0.75, upper 0.8; samples below (0.5), inside (0.78) and above (0.9) the band
+    frac = torch.tensor([0.5, 0.78, 0.9], requires_grad=True)
+    loss = compression_loss(frac, 0.75, upper=0.8)
+    # (0.25 + 0 + 0.1) / 3
+    assert loss.item() == pytest.approx(0.35 / 3)
+    loss.backward()
+    # d/df: -1/3 below (evict more), 0 inside, +1/3 above (evict less)
+    assert frac.grad.tolist() == pytest.approx([-1 / 3, 0.0, 1 / 3])
+    # the one-sided loss at the same points: only the shortfall, no gradient above the target
+    frac.grad = None
+    compression_loss(frac, 0.75).backward()
+    assert frac.grad.tolist() == pytest.approx([-1 / 3, 0.0, 0.0])
+    # band of width 0: |frac - target|
+    assert compression_loss(torch.tensor([0.7, 0.8]), 0.75, upper=0.75).item() == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="below the target"):
+        compression_loss(frac, 0.75, upper=0.7)
 
 
 def test_evicted_fraction_excludes_padding():

@@ -39,13 +39,32 @@ def evicted_fraction(decisions: torch.Tensor, valid: Optional[torch.Tensor] = No
     return (d * v[:, None, :]).sum(dim=(1, 2)) / denom
 
 
-def compression_loss(frac: torch.Tensor, target: float) -> torch.Tensor:
-    """One-sided compression loss: mean over the batch of max(0, target - frac).
+#: compression losses: "one_sided" charges only under-eviction (the paper's); "band" also charges over-eviction
+#: beyond a tolerance band above the target
+CR_LOSSES = ("one_sided", "band")
 
-    frac: [b] evicted fraction per sample (already averaged over layers and heads). Returns a scalar.
-    Evicting more than the target costs nothing; the distillation loss keeps it from over-evicting.
+
+def band_upper_fraction(cr: float, band: float) -> float:
+    """Highest evicted fraction the "band" loss leaves free at compression ratio ``cr``: that of CR x (1 + band)."""
+    if band < 0:
+        raise ValueError(f"band {band} must be >= 0")
+    return target_evicted_fraction(cr * (1.0 + band))
+
+
+def compression_loss(frac: torch.Tensor, target: float, upper: Optional[float] = None) -> torch.Tensor:
+    """Compression loss, mean over the batch of max(0, target - frac) + max(0, frac - upper).
+
+    frac: [b] evicted fraction per sample (already averaged over layers and heads); target: the evicted fraction
+    asked for; upper: None for the paper's one-sided loss (evicting more than the target costs nothing, only the
+    distillation loss resists it), else the evicted fraction above which over-eviction is charged too (>= target;
+    ``band_upper_fraction``). Returns a scalar.
     """
-    return (target - frac).clamp(min=0).mean()
+    loss = (target - frac).clamp(min=0)
+    if upper is not None:
+        if upper < target:
+            raise ValueError(f"upper evicted fraction {upper} is below the target {target}")
+        loss = loss + (frac - upper).clamp(min=0)
+    return loss.mean()
 
 
 def token_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
@@ -81,5 +100,5 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mas
     return masked_token_mean(token_kl(s, t, direction), loss_mask)
 
 
-__all__ = ["cr_at_step", "target_evicted_fraction", "evicted_fraction", "compression_loss", "kd_loss", "token_kl",
-           "masked_token_mean"]
+__all__ = ["cr_at_step", "target_evicted_fraction", "evicted_fraction", "CR_LOSSES", "band_upper_fraction",
+           "compression_loss", "kd_loss", "token_kl", "masked_token_mean"]

@@ -35,7 +35,7 @@ from dms_megatron.config import ConfigError, RefitConfig
 from dms_megatron.convert.hf_io import iter_side_files, read_config
 from dms_megatron.convert.hf_model import is_hf_dir
 from dms_megatron.convert.workflows import ASSETS
-from dms_megatron.core.losses import compression_loss, cr_at_step, target_evicted_fraction
+from dms_megatron.core.losses import band_upper_fraction, compression_loss, cr_at_step, target_evicted_fraction
 from dms_megatron.data.indexed import collate
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
 from dms_megatron.megatron.distributed import init_process_groups, rank, validate_model_layout
@@ -220,12 +220,18 @@ class RefitTrainer:
         t = self.cfg.train
         kd = vocab_parallel_kd_loss(s_logits, t_logits, self.model_config.vocab_size, loss_mask, t.kd_direction)
         frac = global_mean_fraction(frac_sum, self.model_config.num_layers, self.tp)
-        comp = compression_loss(frac, target)
+        comp = compression_loss(frac, target, self.upper_fraction(target))
         loss = kd + t.compression_weight * comp
         if hooked and self.hooks.loss is not None:
             loss = self.hooks.loss(step + 1, loss)
         return loss, {"loss": loss.detach().clone(), "kd_loss": kd.detach(), "compression_loss": comp.detach(),
                       "evicted_fraction": frac.detach().mean()}
+
+    def upper_fraction(self, target: float):
+        """The evicted fraction above which the compression loss charges over-eviction at ``target`` (None: the
+        one-sided loss)."""
+        d = self.cfg.dms
+        return band_upper_fraction(1.0 / (1.0 - target), d.cr_band) if d.cr_loss == "band" else None
 
     def train_step(self, step: int) -> dict:
         t, d = self.cfg.train, self.cfg.dms
