@@ -25,20 +25,6 @@ def target_evicted_fraction(cr: float) -> float:
     return 1.0 - 1.0 / cr
 
 
-def evicted_fraction(decisions: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean eviction decision per sample.
-
-    decisions: [b, ng, s] (hard straight-through or soft, float). valid: bool [b, s] (False for padding), or None.
-    Returns [b]: mean over heads and valid positions.
-    """
-    d = decisions.float()
-    if valid is None:
-        return d.mean(dim=(1, 2))
-    v = valid.to(d.dtype)
-    denom = (v.sum(dim=-1) * d.shape[1]).clamp_min(1.0)
-    return (d * v[:, None, :]).sum(dim=(1, 2)) / denom
-
-
 def compression_loss(frac: torch.Tensor, target: float) -> torch.Tensor:
     """One-sided compression loss: mean over the batch of max(0, target - frac).
 
@@ -81,5 +67,5 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mas
     return masked_token_mean(token_kl(s, t, direction), loss_mask)
 
 
-__all__ = ["cr_at_step", "target_evicted_fraction", "evicted_fraction", "compression_loss", "kd_loss", "token_kl",
+__all__ = ["cr_at_step", "target_evicted_fraction", "compression_loss", "kd_loss", "token_kl",
            "masked_token_mean"]
