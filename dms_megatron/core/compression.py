@@ -41,13 +41,6 @@ def evicted_key_fraction(decisions: torch.Tensor, valid: Optional[torch.Tensor] 
     return evicted.sum(dim=(1, 2)) / n.clamp_min(1.0)
 
 
-def key_slot_counts(decisions: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Tuple[float, float]:
-    """(evicted slots, slots) of one layer's decisions [b, ng, s] (hard: evict where > 0.5), to be summed over
-    layers, batches and ranks before ``achieved_cr``."""
-    evicted, slots = key_slot_flags((decisions.detach() > 0.5).float(), valid)
-    return float(evicted.sum()), float(slots.sum()) * decisions.shape[1]
-
-
 def achieved_cr(kept: float, slots: float) -> float:
     """key slots / kept key slots (inf when nothing is kept, 1.0 when there are no slots)."""
     if slots <= 0:
@@ -60,4 +53,4 @@ def cr_from_evicted_fraction(fraction: float) -> float:
     return achieved_cr(1.0 - float(fraction), 1.0)
 
 
-__all__ = ["key_slot_flags", "evicted_key_fraction", "key_slot_counts", "achieved_cr", "cr_from_evicted_fraction"]
+__all__ = ["key_slot_flags", "evicted_key_fraction", "achieved_cr", "cr_from_evicted_fraction"]
