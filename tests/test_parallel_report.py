@@ -25,11 +25,38 @@ HARNESS = HERE / "parallel_harness.py"
 STEPS, LR = 2, 1e-4
 
 
+def greedy_items(assets, path: Path, n: int = 5, prompt: int = 8, length: int = 40) -> str:
+    """Recall items the one-rank teacher answers right by construction: after a prompt of held-out tokens, each next
+    token is the teacher's full-vocabulary argmax, and every generated position is an answer (a random teacher
+    recalls nothing on the real items, which would make recall agree trivially)."""
+    import torch
+
+    from dms_megatron.checkpoint import load_model_weights
+    from dms_megatron.config import ModelConfig
+    from dms_megatron.data.recall import read_items, write_items
+    from dms_megatron.megatron.model import build_gpt_model
+
+    mc = ModelConfig(**assets["model"])
+    teacher = build_gpt_model(mc, None, seq_length=length)
+    load_model_weights(assets["teacher"], teacher)
+    items = []
+    with torch.no_grad():
+        for it in read_items(assets["recall"], n):
+            ids = list(it["ids"][:prompt])
+            while len(ids) < length:
+                logits = teacher(torch.tensor([ids]), torch.arange(len(ids))[None], None)
+                ids.append(int(logits[0, -1, :mc.vocab_size].argmax()))
+            items.append({"ids": ids, "answers": list(range(prompt, length))})
+    write_items(path, items)
+    return str(path)
+
+
 def _cfg_dict(assets, tp=1, pp=1, **train):
     d = refit_dict(assets, steps=STEPS, save_interval=100, warmup_steps=0, lr=LR, min_lr=LR / 10, eval_interval=0,
                    eval_batches=2, recall_eval_limit=5, **train)  # 5 items: the last micro batch is half empty
     d["dms"].update(initial_cr=2.0, final_cr=4.0, final_step=STEPS)  # q-neuron: a random teacher evicts some keys
     d["parallel"] = dict(tp=tp, pp=pp)
+    d["data"]["recall_eval"] = assets["greedy_recall"]
     return d
 
 
@@ -68,11 +95,13 @@ def assert_reports_agree(ref: dict, got: dict, slots: int) -> None:
     for k in ("teacher_recall_acc", "student_recall_acc"):
         assert abs(got[k] - ref[k]) <= 1.0 / ref["recall_answers"] + 1e-12, k
     assert 1 < ref["achieved_cr"] and 0 < ref["kl_to_teacher"] and ref["recall_answers"] > 0
+    assert ref["teacher_recall_acc"] >= 0.95 and ref["student_recall_acc"] > 0.5  # not a comparison of zeros
 
 
 def test_report_tp2pp2_matches_one_rank_and_a_finished_run_reports_at_another_layout(megatron_single,
                                                                                       tmp_path_factory, tmp_path):
-    assets = shared_assets(tmp_path_factory)
+    assets = dict(shared_assets(tmp_path_factory))
+    assets["greedy_recall"] = greedy_items(assets, tmp_path / "greedy.jsonl")
     d1 = _cfg_dict(assets)
     ref = _one_rank(d1, tmp_path / "tp1")
     got = _torchrun(4, _cfg_dict(assets, tp=2, pp=2), tmp_path, tmp_path / "tp2pp2")
@@ -89,7 +118,8 @@ SCALE_MODEL = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attent
 
 @pytest.mark.scale
 def test_report_tp8pp2_on_16_ranks_matches_one_rank(megatron_single, tmp_path_factory, tmp_path):
-    assets = shared_assets(tmp_path_factory, **SCALE_MODEL)
+    assets = dict(shared_assets(tmp_path_factory, **SCALE_MODEL))
+    assets["greedy_recall"] = greedy_items(assets, tmp_path / "greedy.jsonl")
     d1 = _cfg_dict(assets)
     ref = _one_rank(d1, tmp_path / "tp1")
     got = _torchrun(16, _cfg_dict(assets, tp=8, pp=2), tmp_path, tmp_path / "tp8pp2", timeout=1500)
