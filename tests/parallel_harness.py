@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -87,27 +86,22 @@ def load_and_dump(cfg, loads) -> None:
 
 
 def main(argv=None) -> int:
-    import torch.distributed as dist
-
     from dms_megatron.config import RefitConfig
-    from dms_megatron.megatron.distributed import single_process_env
     from refit_fixtures import run_refit
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True, type=Path)
     ap.add_argument("--run-dir", type=Path)
     ap.add_argument("--load", nargs=2, action="append", metavar=("CKPT_DIR", "OUT"))
-    ap.add_argument("--report", action="store_true", help="also write the end-of-run report")
+    ap.add_argument("--report", action="store_true", help="also run the report stage (report.json)")
+    ap.add_argument("--no-grads", action="store_true", help="do not save each step's gradients")
     args = ap.parse_args(argv)
     cfg = RefitConfig.from_dict(json.loads(args.config.read_text()))
     if args.load:
         load_and_dump(cfg, args.load)
         return 0
-    run_refit(cfg, args.run_dir, report=args.report, after_backward=dump_grads(args.run_dir))
-    if args.report and dist.get_rank() == 0 and cfg.parallel.tp * cfg.parallel.pp > 1:
-        # what the worker does: the report from the final checkpoint, in a fresh one-rank process
-        subprocess.check_call([sys.executable, "-m", "dms_megatron.launch.report", "--run-dir", str(args.run_dir)],
-                              env=single_process_env())
+    run_refit(cfg, args.run_dir, report=args.report,
+              after_backward=None if args.no_grads else dump_grads(args.run_dir))
     return 0
 
 

@@ -13,8 +13,9 @@ VOCAB_TARGET = 300
 RECALL_LEN = 40
 
 
-def build_assets(root: Path, init_std: float = 0.02) -> dict:
-    """Writes tokenizer/, data/{train,valid}.{bin,idx}, recall.jsonl and teacher/ under ``root``."""
+def build_assets(root: Path, init_std: float = 0.02, **model) -> dict:
+    """Writes tokenizer/, data/{train,valid}.{bin,idx}, recall.jsonl and teacher/ under ``root``; ``model``
+    overrides the tiny teacher's shape."""
     import torch
 
     from dms_megatron.checkpoint import save_checkpoint
@@ -34,7 +35,8 @@ def build_assets(root: Path, init_std: float = 0.02) -> dict:
     write_indexed(root / "data" / "train", docs[:150], len(tok))
     write_indexed(root / "data" / "valid", docs[150:], len(tok))
     write_items(root / "recall.jsonl", [task.item(rng, filler, RECALL_LEN) for _ in range(8)])
-    cfg = tiny_model_config(vocab_size=len(tok), max_position_embeddings=SEQ, init_method_std=init_std)
+    cfg = tiny_model_config(**dict(dict(vocab_size=len(tok), max_position_embeddings=SEQ, init_method_std=init_std),
+                                   **model))
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     torch.manual_seed(0)
@@ -49,11 +51,12 @@ def build_assets(root: Path, init_std: float = 0.02) -> dict:
 _CACHE: dict = {}
 
 
-def shared_assets(tmp_path_factory, init_std: float = 0.02) -> dict:
-    """``build_assets`` once per test session and teacher init std (building costs seconds of CPU)."""
-    if init_std not in _CACHE:
-        _CACHE[init_std] = build_assets(tmp_path_factory.mktemp(f"refit-assets-{init_std}"), init_std=init_std)
-    return _CACHE[init_std]
+def shared_assets(tmp_path_factory, init_std: float = 0.02, **model) -> dict:
+    """``build_assets`` once per test session, teacher init std and model shape (building costs seconds of CPU)."""
+    key = (init_std, tuple(sorted(model.items())))
+    if key not in _CACHE:
+        _CACHE[key] = build_assets(tmp_path_factory.mktemp(f"refit-assets-{init_std}"), init_std=init_std, **model)
+    return _CACHE[key]
 
 
 def refit_dict(assets: dict, **train) -> dict:

@@ -12,8 +12,7 @@ from dms_megatron.core.gating import (
     qneuron_decision_logits,
     zero_borrowed_neuron,
 )
-from dms_megatron.core.losses import (band_upper_fraction, compression_loss, cr_at_step, evicted_fraction, kd_loss,
-                                      target_evicted_fraction)
+from dms_megatron.core.losses import band_upper_fraction, compression_loss, cr_at_step, kd_loss, target_evicted_fraction
 
 
 def test_qneuron_picks_last_dim_of_first_head_per_group():
@@ -113,14 +112,6 @@ def test_band_compression_loss_values_and_gradients_below_inside_above():
     assert compression_loss(torch.tensor([0.7, 0.8]), 0.75, upper=0.75).item() == pytest.approx(0.05)
     with pytest.raises(ValueError, match="below the target"):
         compression_loss(frac, 0.75, upper=0.7)
-
-
-def test_evicted_fraction_excludes_padding():
-    d = torch.tensor([[[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]])  # [b=1, ng=2, s=4]
-    valid = torch.tensor([[True, True, True, False]])
-    # valid entries: head0 -> 1,0,1 ; head1 -> 0,0,1 -> 3 of 6
-    assert evicted_fraction(d, valid).tolist() == [0.5]
-    assert evicted_fraction(d).tolist() == [5 / 8]
 
 
 def test_kd_loss_hand_computation():

@@ -150,6 +150,9 @@ def test_metrics_reads_and_residency_follow_the_rule():
     assert m.resident == held
     row = eng.summary(s)[0]
     assert row["cr_final"] == pytest.approx(L * ng * SEQ / held)
+    # core.compression's CR: key slots / slots never flagged (the last token's decision is not made: kept)
+    flagged = sum(int(f.sum()) for f in flags.values())
+    assert 0 < flagged and row["achieved_cr"] == pytest.approx(L * ng * SEQ / (L * ng * SEQ - flagged))
     assert row["cr_reads"] == pytest.approx(m.vanilla_reads / reads) and row["cr_reads"] > 1
 
 

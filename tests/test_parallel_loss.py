@@ -58,6 +58,46 @@ def test_vocab_parallel_kl_matches_full_vocab_loss_and_gradient():
         assert float(grad[..., VOCAB:].abs().max()) == 0.0
 
 
+def _argmax_logits():
+    """[4, 5, V] float32 logits with crafted ties: within a shard, across the two shards, with padding ids (>= VOCAB)
+    holding the largest values, and all-equal rows."""
+    x = torch.randn(4, 5, V, generator=torch.Generator().manual_seed(1))
+    x[..., VOCAB:] = 1e4  # padding must never win
+    x[0, 0, :] = 0.0
+    x[0, 0, [2, 4]] = 7.0  # tie inside rank 0's shard: 2
+    x[0, 1, :] = 0.0
+    x[0, 1, [3, 8]] = 7.0  # tie across shards (ids 3 on rank 0, 8 on rank 1): 3
+    x[0, 2, :] = 0.0
+    x[0, 2, [7, 9]] = 7.0  # tie inside rank 1's shard: 7
+    x[0, 3, :VOCAB] = -2.0  # every real id tied: 0
+    x[0, 4, :] = 0.0
+    x[0, 4, 9] = 5.0  # the best real id is the last one before the padding
+    return x
+
+
+def _argmax_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from dms_megatron.megatron.parallel_loss import vocab_parallel_argmax
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)))
+    v = V // world
+    out.put((rank, vocab_parallel_argmax(_argmax_logits()[..., rank * v:(rank + 1) * v], VOCAB, group=group)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parallel
+def test_vocab_parallel_argmax_matches_full_vocab_argmax_with_ties():
+    got = spawn_and_collect(_argmax_worker, 2, timeout=240)
+    x = _argmax_logits()
+    ref = x[..., :VOCAB].argmax(-1)  # the first (lowest) id among ties
+    assert ref[0].tolist() == [2, 3, 7, 0, 9]  # the crafted ties resolve as intended
+    assert torch.equal(got[0], ref) and torch.equal(got[1], ref)
+
+
 def test_pipeline_message_carries_fraction_sums_and_their_gradient():
     from dms_megatron.megatron.parallel_loss import pack_stage_output, unpack_stage_input
 

@@ -104,7 +104,7 @@ def one_rank(assets, tmp_path_factory):
 def test_layout_matches_one_rank(assets, one_rank, tmp_path, tp, pp, nproc, sp):
     d1, dir1 = one_rank
     d = _cfg_dict(assets, tp=tp, pp=pp, sp=sp)
-    report = ("--report",) if pp > 1 else ()  # a model-parallel run's report: one fresh rank, resharded checkpoint
+    report = ("--report",) if pp > 1 else ()  # the report stage at the training layout
     _torchrun(nproc, d, tmp_path, "--run-dir", tmp_path / "run", *report)
     a, b = _metrics(dir1), _metrics(tmp_path / "run")
     assert [x["step"] for x in b] == list(range(1, STEPS + 1))

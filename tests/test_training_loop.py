@@ -149,11 +149,12 @@ def test_evaluate_stage_logs_held_out_kl_and_hard_eviction_of_the_current_weight
                 s = student(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
             tl = teacher(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
             kls.append(_hand_kl(s, tl, b["loss_mask"].double(), "student_teacher"))
-            # decisions by hand: logit > 0 evicts; per sample over KV heads and non-padding positions, then means
-            per_layer = [((lg > 0).double() * valid[:, None]).sum((1, 2)) / (valid.sum(-1) * lg.shape[1])
-                         for lg in rt.logits.values()]
-            fracs.append(float(torch.stack(per_layer).mean()))
-    frac = sum(fracs) / len(fracs)
+            # key slots by hand: key t (a real token) is evicted iff position t + 1 is real and its logit is > 0;
+            # pooled over layers, KV heads, keys and micro batches
+            for lg in rt.logits.values():  # [b, ng, s]
+                both = (valid[:, 1:] & valid[:, :-1])[:, None]
+                fracs.append((float(((lg[..., 1:] > 0) & both).sum()), float(valid.sum()) * lg.shape[1]))
+    frac = sum(e for e, _ in fracs) / sum(n for _, n in fracs)
     assert 0 < frac < 1  # some keys evicted, some kept: the comparison is not of two zeros
     assert logged["valid/kd_loss"] == pytest.approx(sum(kls) / len(kls), rel=1e-4, abs=1e-7)
     assert logged["valid/evicted_fraction"] == pytest.approx(frac, rel=1e-5)
@@ -177,3 +178,33 @@ def test_a_longer_resumed_run_decays_its_learning_rate_over_the_new_length(asset
         lr = MIN_LR + 0.5 * (math.cos(math.pi * ratio) + 1) * (LR - MIN_LR)
         assert m[k]["lr"] == pytest.approx(lr, rel=1e-6), k
     assert m[STEPS]["lr"] > 1.5 * MIN_LR
+
+
+def test_report_stage_recall_and_cr_match_an_unpadded_one_rank_forward(assets, tmp_path):
+    """The report stage (micro batches padded to train.seq_length, vocabulary-parallel argmax through the schedule)
+    against each held-out item run alone, unpadded, with a plain argmax over the real vocabulary."""
+    from dms_megatron.data.recall import read_items
+    from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
+
+    cfg = _cfg(assets, eval_interval=2, eval_batches=2, recall_eval_limit=5)  # 5 items: one micro batch half empty
+    report = run_refit(cfg, tmp_path)
+    logged = _metrics(tmp_path)[-1]
+    assert (report["kl_to_teacher"], report["achieved_cr"]) == (logged["valid/kd_loss"], logged["valid/achieved_cr"])
+    assert report["kept_fraction"] == pytest.approx(1 - logged["valid/evicted_fraction"], rel=1e-12)
+    _, _, _, teacher, student = _reference(assets, cfg, tmp_path, tmp_path / "checkpoints")
+    items = read_items(assets["recall"], cfg.train.recall_eval_limit)
+    hits = {"teacher": 0, "student": 0}
+    with torch.no_grad():
+        for it in items:
+            tokens = torch.tensor([it["ids"]])
+            pos = torch.arange(tokens.shape[1])[None]
+            with dms_forward(student, DMSRuntime(mode="hard")):
+                s = student(tokens, pos, None)[0, :, :cfg.model.vocab_size].argmax(-1)
+            t = teacher(tokens, pos, None)[0, :, :cfg.model.vocab_size].argmax(-1)
+            for p in it["answers"]:
+                hits["student"] += int(s[p - 1]) == it["ids"][p]
+                hits["teacher"] += int(t[p - 1]) == it["ids"][p]
+    n = sum(len(it["answers"]) for it in items)
+    assert report["recall_answers"] == n > 0
+    assert report["student_recall_acc"] == pytest.approx(hits["student"] / n, abs=1e-12)
+    assert report["teacher_recall_acc"] == pytest.approx(hits["teacher"] / n, abs=1e-12)

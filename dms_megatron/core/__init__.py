@@ -11,8 +11,9 @@ from dms_megatron.core.gating import (
     qneuron_decision_logits,
     zero_borrowed_neuron,
 )
-from dms_megatron.core.losses import (compression_loss, cr_at_step, evicted_fraction, kd_loss, masked_token_mean,
-                                      target_evicted_fraction, token_kl)
+from dms_megatron.core.compression import achieved_cr, cr_from_evicted_fraction, evicted_key_fraction
+from dms_megatron.core.losses import (compression_loss, cr_at_step, kd_loss, masked_token_mean, target_evicted_fraction,
+                                      token_kl)
 from dms_megatron.core.masks import (
     causal_bias,
     decisions_to_key_logits,

@@ -25,20 +25,6 @@ def target_evicted_fraction(cr: float) -> float:
     return 1.0 - 1.0 / cr
 
 
-def evicted_fraction(decisions: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean eviction decision per sample.
-
-    decisions: [b, ng, s] (hard straight-through or soft, float). valid: bool [b, s] (False for padding), or None.
-    Returns [b]: mean over heads and valid positions.
-    """
-    d = decisions.float()
-    if valid is None:
-        return d.mean(dim=(1, 2))
-    v = valid.to(d.dtype)
-    denom = (v.sum(dim=-1) * d.shape[1]).clamp_min(1.0)
-    return (d * v[:, None, :]).sum(dim=(1, 2)) / denom
-
-
 #: compression losses: "one_sided" charges only under-eviction (the paper's); "band" also charges over-eviction
 #: beyond a tolerance band above the target
 CR_LOSSES = ("one_sided", "band")
@@ -100,5 +86,5 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mas
     return masked_token_mean(token_kl(s, t, direction), loss_mask)
 
 
-__all__ = ["cr_at_step", "target_evicted_fraction", "evicted_fraction", "CR_LOSSES", "band_upper_fraction",
-           "compression_loss", "kd_loss", "token_kl", "masked_token_mean"]
+__all__ = ["cr_at_step", "target_evicted_fraction", "CR_LOSSES", "band_upper_fraction", "compression_loss",
+           "kd_loss", "token_kl", "masked_token_mean"]

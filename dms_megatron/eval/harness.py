@@ -7,7 +7,8 @@ prediction is compared with the answer, and the cache is probed for the statemen
 Metrics per sequence come from the engine (``SequenceMetrics``):
 
   peak_tokens  max over steps of the tokens resident, summed over layers and KV heads (what memory must hold);
-  kv_reads     KV tokens read over all steps, summed over layers and KV heads (what bandwidth must move).
+  kv_reads     KV tokens read over all steps, summed over layers and KV heads (what bandwidth must move);
+  achieved_cr  core.compression's CR pooled over the sequences of a task (key slots / kept key slots).
 
 Both are averaged over the sequences of a task. Notation: B sequences, L tokens each, V vocabulary.
 """
@@ -20,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from dms_megatron.core.compression import achieved_cr
 from dms_megatron.core.losses import token_kl
 from dms_megatron.inference.engine import Engine, Session
 
@@ -51,6 +53,11 @@ def stream(engine: Engine, sequences: Sequence[Sequence[int]], on_step: Optional
 
 def _mean(rows: List[dict], key: str) -> float:
     return sum(float(r[key]) for r in rows) / len(rows)
+
+
+def pooled_cr(rows: List[dict]) -> float:
+    """core.compression's achieved CR over all sequences of engine summaries (slots and kept slots summed)."""
+    return achieved_cr(sum(r["kept_slots"] for r in rows), sum(r["vanilla_resident"] for r in rows))
 
 
 def stated_position(ids: Sequence[int], answer_pos: int) -> Optional[int]:
@@ -125,19 +132,21 @@ def recall_metrics(engine: Engine, items: List[dict]) -> dict:
         merged.held += p.held
     out = merged.metrics()
     out.update(peak_tokens=_mean(summaries, "peak_resident"), kv_reads=_mean(summaries, "kv_reads"),
-               items=len(items))
+               achieved_cr=pooled_cr(summaries), items=len(items))
     return out
 
 
 def kl_metrics(engine: Engine, sequences: torch.Tensor, teacher_logits: torch.Tensor, bucket: int) -> dict:
     """Mean per-token KL(model || teacher) of next-token distributions on held-out ``sequences`` [B, L] (the
     direction the re-fit trains), its mean over the sequences per ``bucket`` consecutive positions
-    (``kl_by_position``: where in the sequence a method loses), and mean peak tokens and KV reads per sequence.
+    (``kl_by_position``: where in the sequence a method loses), mean peak tokens and KV reads per sequence and the
+    pooled achieved CR.
     teacher_logits [B, L, V]."""
     summ, logits = stream(engine, sequences.tolist(), keep_logits=True)
     per_pos = token_kl(torch.log_softmax(logits, -1), torch.log_softmax(teacher_logits.float(), -1)).mean(0)  # [L]
     return {"kl": float(per_pos.mean()), "kl_by_position": [float(c.mean()) for c in per_pos.split(bucket)],
-            "peak_tokens": _mean(summ, "peak_resident"), "kv_reads": _mean(summ, "kv_reads")}
+            "peak_tokens": _mean(summ, "peak_resident"), "kv_reads": _mean(summ, "kv_reads"),
+            "achieved_cr": pooled_cr(summ)}
 
 
 def teacher_logits(engine: Engine, sequences: torch.Tensor) -> torch.Tensor:
@@ -170,5 +179,5 @@ def reads_budget_for(kv_reads: float, layers: int, kv_heads: int, length: int) -
     return lo
 
 
-__all__ = ["stream", "stated_position", "resident", "RecallProbe", "recall_metrics", "kl_metrics",
+__all__ = ["stream", "pooled_cr", "stated_position", "resident", "RecallProbe", "recall_metrics", "kl_metrics",
            "teacher_logits", "budget_for", "reads_budget_for"]

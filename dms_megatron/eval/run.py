@@ -5,8 +5,9 @@ streamingllm, quest. vanilla (the teacher with its full cache) sits under cr "1"
 teacher with the per-head budget matched to the CR-c DMS student on the same task: TOVA, H2O and StreamingLLM
 (which evict) at the peak tokens DMS held, Quest (which keeps the whole cache and reads a subset) at the KV reads
 DMS made.
-``peak_tokens`` / ``kv_reads`` are the recall task's (mean per item); ``kl_peak_tokens`` / ``kl_kv_reads`` those of
-the held-out text the KL is measured on. Recall rows also carry ``answer_resident`` (per layer, the fraction of
+``peak_tokens`` / ``kv_reads`` / ``achieved_cr`` are the recall task's (mean per item; the CR of core.compression,
+pooled over the items); ``kl_peak_tokens`` / ``kl_kv_reads`` / ``kl_achieved_cr`` those of the held-out text the KL
+is measured on. Recall rows also carry ``answer_resident`` (per layer, the fraction of
 answers x KV heads whose cache still holds the statement when the question is asked) and
 ``recall_acc_by_residency``. Every row carries ``kl_by_position``: its KL per ``eval.kl_bucket`` positions (a
 budget method loses nothing before its budget fills). DMS rows carry ``kl_whole_cache``: the student's KL on the
@@ -161,7 +162,7 @@ def _row(engine: Engine, items: List[dict], seqs: torch.Tensor, t_logits: torch.
     rec = recall_metrics(engine, items) if items else {}
     kl = kl_metrics(kl_engine or engine, seqs, t_logits, bucket)
     return {**rec, "kl": kl["kl"], "kl_by_position": kl["kl_by_position"], "kl_peak_tokens": kl["peak_tokens"],
-            "kl_kv_reads": kl["kv_reads"]}
+            "kl_kv_reads": kl["kv_reads"], "kl_achieved_cr": kl["achieved_cr"]}
 
 
 def _dms_row(student, items: List[dict], seqs: torch.Tensor, t_logits: torch.Tensor, cfg: EvalConfig) -> dict:

@@ -9,7 +9,10 @@ lengths, so batches mix lengths and a sequence can be extended later (multi-turn
 
 Metrics per sequence (``SequenceMetrics``): peak tokens resident (max after any step of the tokens held, summed over
 layers and KV heads), cumulative KV tokens read during decode (summed over steps, layers, heads), the same two for a
-vanilla cache, achieved compression (vanilla / actual, at the end and over decode reads) and wall times.
+vanilla cache, the achieved CR of ``core.compression`` (key slots / kept key slots: a token is evicted once flagged
+or dropped, the newest token's decision is not made yet, so it counts as kept), the memory ratio at the end
+(``cr_final``: vanilla / resident, flagged tokens still inside the window counted as held), the read ratio over
+decode (``cr_reads``) and wall times.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import List, Optional, Sequence
 import torch
 
 import dms_megatron.inference.cache as kv
+from dms_megatron.core.compression import achieved_cr
 from dms_megatron.inference.model import DecoderModel
 from dms_megatron.inference.press import Press
 from dms_megatron.inference.press.vanilla import VanillaPress
@@ -197,14 +201,17 @@ class Engine:
         return out, session
 
     def summary(self, session: Session) -> List[dict]:
-        """Per-sequence metrics as plain dicts (achieved CR = vanilla resident / resident at the end)."""
+        """Per-sequence metrics as plain dicts: ``achieved_cr`` (core.compression: every token written is a key slot,
+        evicted when dropped or flagged), ``cr_final`` (vanilla resident / resident at the end), ``cr_reads``."""
         cfg = self.model.cfg
+        flagged = sum((c.flag & c.live).sum(dim=(1, 2)) for c in session.caches).tolist()  # [B] held, flagged
         rows = []
-        for m in session.metrics:
+        for m, f in zip(session.metrics, flagged):
             van = m.vanilla_resident(cfg.num_layers, cfg.num_query_groups)
             rows.append({"press": self.press.name, "prompt_tokens": m.prompt_tokens,
                          "decoded_tokens": m.decoded_tokens, "resident": m.resident,
                          "vanilla_resident": van, "peak_resident": m.peak_resident,
+                         "kept_slots": m.resident - f, "achieved_cr": achieved_cr(m.resident - f, van),
                          "cr_final": van / m.resident if m.resident else float("nan"),
                          "kv_reads": m.kv_reads, "vanilla_reads": m.vanilla_reads, "cr_reads": m.cr_reads,
                          "prefill_s": m.prefill_s, "decode_s": m.decode_s})

@@ -4,7 +4,7 @@ Takes the same overrides as ``dms-refit`` (e.g. ``dms-dryrun parallel=h100_256 m
 dms=paper``), validates them and the layout against the model (the same one-line errors as the trainer), and prints
 which global ranks form each tensor / pipeline / data-parallel group (megatron-core's rank order), a per-GPU memory
 estimate for the configured precision and optimizer, whether it fits the GPU (``--gpu-memory-gib``, default 80: an
-H100) and the tokens per optimizer step. Creates no process group and no run directory. Exit status: 0 fits, 1 does
+H100) and the tokens per optimizer step, and the evaluation stage (which runs at the same layout, forward-only). Creates no process group and no run directory. Exit status: 0 fits, 1 does
 not fit, 2 bad input.
 
   dms-dryrun [--gpu-memory-gib 141] OVERRIDES...
@@ -34,10 +34,17 @@ class MemoryEstimate:
     optimizer: int
     teacher_params: int
     activations: int
+    eval_logits: int = 0  # the evaluation stage's last-stage logits buffers
 
     @property
     def total(self) -> int:
         return self.student_params + self.grads + self.optimizer + self.teacher_params + self.activations
+
+    @property
+    def eval_peak(self) -> int:
+        """The evaluation stage (forward-only at the training layout): weights, grads and optimizer state stay
+        resident, the training activations are freed, the last stage holds the logits buffers."""
+        return self.total - self.activations + self.eval_logits
 
 
 def layer_params(mc, dms) -> int:
@@ -80,6 +87,14 @@ def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4) -> int:
     return per_layer * (mc.num_layers // pp) * min(pp, num_micro)
 
 
+def eval_logits_bytes(cfg, tp: int, bytes_per: int) -> int:
+    """The evaluation stage's logits on the last pipeline stage: student and teacher [b, s, V / tp] in the parameter
+    dtype, plus the fp32 work of the vocabulary-parallel log-softmax / argmax (a copy, the log-probabilities and
+    their exp: 12 bytes per entry) for each."""
+    t = cfg.train
+    return 2 * t.micro_batch_size * t.seq_length * (cfg.model.padded_vocab_size // tp) * (bytes_per + 12)
+
+
 def precision_on_gpu(cfg) -> str:
     return "bf16" if cfg.train.precision in ("auto", "bf16") else "fp32"
 
@@ -96,7 +111,8 @@ def estimate(cfg, dp: int) -> MemoryEstimate:
     teacher = stage_params(cfg.model, None, tp, pp)
     optim = (8 + (4 if pbytes == 2 else 0)) * trainable // (dp if cfg.train.distributed_optimizer else 1)
     return MemoryEstimate(student_params=pbytes * student, grads=4 * trainable, optimizer=optim,
-                          teacher_params=pbytes * teacher, activations=activation_bytes(cfg, tp, pp, dp, pbytes))
+                          teacher_params=pbytes * teacher, activations=activation_bytes(cfg, tp, pp, dp, pbytes),
+                          eval_logits=eval_logits_bytes(cfg, tp, pbytes))
 
 
 def rank_groups(tp: int, pp: int, dp: int) -> dict:
@@ -150,10 +166,15 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
         f"  activations    {_size(m.activations)}  (incl. K/V; seq {t.seq_length}, micro batch "
         f"{t.micro_batch_size}, dms.backend={cfg.dms.backend}, no recompute)",
         f"  total          {_size(m.total)}",
+        f"evaluation stage (every train.eval_interval steps and the end-of-run report): at this layout (tp={p.tp} "
+        f"pp={p.pp} dp={dp}), forward-only through the same schedule, student and teacher; the last stage's "
+        f"logits buffers {_size(m.eval_logits).strip()} (2 x [{t.micro_batch_size}, {t.seq_length}, "
+        f"{mc.padded_vocab_size // p.tp}] + fp32 softmax work); peak {_size(m.eval_peak).strip()} (training "
+        f"activations freed)",
     ]
-    fits = m.total <= gpu_memory_gib * GIB
+    fits = max(m.total, m.eval_peak) <= gpu_memory_gib * GIB
     lines.append(f"fits a {gpu_memory_gib:g} GiB GPU" if fits else
-                 f"DOES NOT FIT a {gpu_memory_gib:g} GiB GPU ({m.total / GIB:,.1f} GiB): lower "
+                 f"DOES NOT FIT a {gpu_memory_gib:g} GiB GPU ({max(m.total, m.eval_peak) / GIB:,.1f} GiB): lower "
                  f"train.micro_batch_size or train.seq_length, raise parallel.tp / parallel.pp, or set "
                  f"train.distributed_optimizer=true")
     return "\n".join(lines), fits

@@ -120,7 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for i, (ids, text, m) in enumerate(zip(res["outputs"], res["texts"], res["metrics"])):
         print(f"[{i}] {text if text is not None else ' '.join(map(str, ids))}")
         print(f"    press={m['press']} prompt={m['prompt_tokens']} new={m['decoded_tokens']} "
-              f"peak_resident={m['peak_resident']} cr_final={m['cr_final']:.2f} kv_reads={m['kv_reads']} "
+              f"peak_resident={m['peak_resident']} achieved_cr={m['achieved_cr']:.2f} cr_final={m['cr_final']:.2f} "
+              f"kv_reads={m['kv_reads']} "
               f"cr_reads={m['cr_reads']:.2f} prefill={m['prefill_s']:.3f}s decode={m['decode_s']:.3f}s")
     return 0
 

@@ -5,29 +5,17 @@
   srun (one task per rank: RANK/WORLD_SIZE/LOCAL_RANK from SLURM, see slurm/refit.sbatch)
 
 Exit status: see ``dms_megatron.training.entry`` (0 finished, 2 bad input, 3 diverged, 4 preempted, 130 aborted).
-Rank 0 of a finished tensor/pipeline-parallel run then evaluates the final checkpoint in a fresh one-rank process
-(``python -m dms_megatron.launch.report``). ``--inject-fault kill@N|nan@N`` is a test hook.
+Every rank runs the end-of-run report stage at the training layout; rank 0 writes report.json. Running a finished
+run dir again (at any layout) writes its report again. ``--inject-fault kill@N|nan@N`` is a test hook.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from dms_megatron.megatron.distributed import single_process_env
-from dms_megatron.training.entry import needs_report_process, read_run_config, run_rank
-
-
-def report_in_fresh_process(run_dir: Path) -> int:
-    rc = subprocess.call([sys.executable, "-m", "dms_megatron.launch.report", "--run-dir", str(run_dir)],
-                         env=single_process_env())
-    if rc:
-        print(f"error: the end-of-run evaluation of {run_dir} failed (exit {rc}); rerun it with: python -m "
-              f"dms_megatron.launch.report --run-dir {run_dir}", file=sys.stderr)
-    return rc
+from dms_megatron.training.entry import run_rank
 
 
 def main(argv=None) -> int:
@@ -35,10 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", required=True, type=Path)
     ap.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    rc = run_rank(args.run_dir, fault=args.inject_fault)
-    if rc == 0 and os.environ.get("RANK", "0") == "0" and needs_report_process(read_run_config(args.run_dir)):
-        rc = report_in_fresh_process(args.run_dir)
-    return rc
+    return run_rank(args.run_dir, fault=args.inject_fault)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from dms_megatron.core.gating import (
     qneuron_decision_logits,
     zero_borrowed_neuron,
 )
-from dms_megatron.core.losses import evicted_fraction
+from dms_megatron.core.compression import evicted_key_fraction
 from dms_megatron.core.masks import decisions_to_key_logits
 from dms_megatron.core.norms import rms_norm
 from dms_megatron.megatron.collectives import all_reduce_sum
@@ -267,7 +267,7 @@ class DMSCoreAttention(MegatronModule):
             out = kernel(q, k, v, key_logits=key_scores, window=cfg.window, softmax_scale=self.softmax_scale,
                          hard=True)
             decisions = hard_decisions(logits).to(logits.dtype)
-        rt.fractions[layer] = evicted_fraction(decisions, rt.valid)
+        rt.fractions[layer] = evicted_key_fraction(decisions, rt.valid)  # core.compression's counting rule
         if rt.record_flags:
             rt.key_flags[layer] = decisions_to_key_logits(decisions.detach() > 0.5, fill=False)
             rt.logits[layer] = logits.detach()

@@ -3,6 +3,7 @@
 * ``vocab_parallel_kd_loss``: the per-token KL of ``core.losses.kd_loss`` with teacher and student logits sharded
   over the vocabulary across the tensor-parallel group (no full-vocabulary gather). Padded vocabulary entries
   (ids >= vocab_size) are excluded.
+* ``vocab_parallel_argmax``: the greedy prediction from vocabulary-sharded logits (lowest global id among ties).
 * Compression loss across pipeline stages: each stage adds the evicted fractions of its own layers (local KV heads)
   to a per-sample running sum that travels to the next stage inside the pipeline's activation tensor
   (``pack_stage_output`` / ``unpack_stage_input``); the last stage turns the sum into the loss. Autograd carries the
@@ -62,6 +63,31 @@ def vocab_parallel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.T
     return masked_token_mean(tok, loss_mask)
 
 
+def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, group=None) -> torch.Tensor:
+    """argmax over a vocabulary sharded across ``group`` (layout as in ``vocab_parallel_kd_loss``): each rank takes
+    the max of its valid shard (ids < vocab_size), the maximum value is all-reduced, and among the ranks holding it
+    the lowest global id wins, so ties resolve as ``torch.argmax`` on the gathered logits does. logits [..., V_local]
+    -> int64 [...] global ids, equal on every rank of the group."""
+    if group is None:
+        group = parallel_state.get_tensor_model_parallel_group()
+    rank, v_local = dist.get_rank(group), logits.shape[-1]
+    n_valid = min(max(vocab_size - rank * v_local, 0), v_local)
+    x = logits[..., :n_valid].detach().float()
+    big = torch.iinfo(torch.int64).max
+    if n_valid:
+        local = x.argmax(dim=-1)  # the first (lowest) id among this shard's ties
+        val = x.gather(-1, local[..., None])[..., 0]
+        gid = local + rank * v_local
+    else:
+        val = torch.full(x.shape[:-1], float("-inf"), device=x.device)
+        gid = torch.full(x.shape[:-1], big, dtype=torch.int64, device=x.device)
+    top = val.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    pick = torch.where(val == top, gid, torch.full_like(gid, big))
+    dist.all_reduce(pick, op=dist.ReduceOp.MIN, group=group)
+    return pick
+
+
 # ---- compression loss across pipeline stages --------------------------------------------------------------------
 
 def stage_fraction_sum(fractions: dict) -> torch.Tensor:
@@ -104,5 +130,5 @@ def layer_fraction_vector(fractions: dict, num_layers: int) -> torch.Tensor:
     return v
 
 
-__all__ = ["vocab_parallel_kd_loss", "stage_fraction_sum", "pack_stage_output", "unpack_stage_input",
+__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_argmax", "stage_fraction_sum", "pack_stage_output", "unpack_stage_input",
            "global_mean_fraction", "layer_fraction_vector"]

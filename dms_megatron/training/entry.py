@@ -1,7 +1,7 @@
 """One rank of a re-fit from its run dir, as an exit status (what the worker and the launcher run).
 
-Exit status: 0 finished (report.json written, by this rank or, for tp * pp > 1, by the worker's one-rank report
-process), 2 configuration/input error (one ``error: ...`` line on stderr), 3 diverged (NaN/inf loss), 4 preempted
+Exit status: 0 finished (report.json written by rank 0 after the report stage, which every rank runs at the
+training layout), 2 configuration/input error (one ``error: ...`` line on stderr), 3 diverged (NaN/inf loss), 4 preempted
 (SIGUSR1/SIGTERM/SIGINT: checkpoint saved, run again to resume), 130 aborted by a second Ctrl-C.
 
 Fault injection for resilience tests is explicit: ``run_rank(..., fault="kill@N")`` SIGKILLs this process after
@@ -79,9 +79,4 @@ def run_rank(run_dir: Path, fault: Optional[str] = None) -> int:
     return 0
 
 
-def needs_report_process(cfg: RefitConfig) -> bool:
-    """A tensor/pipeline-parallel run is reported from its final checkpoint by a fresh one-rank process."""
-    return cfg.parallel.tp * cfg.parallel.pp > 1
-
-
-__all__ = ["run_rank", "fault_hooks", "read_run_config", "needs_report_process", "DIVERGED_EXIT_CODE"]
+__all__ = ["run_rank", "fault_hooks", "read_run_config", "DIVERGED_EXIT_CODE"]

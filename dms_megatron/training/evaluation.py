@@ -1,6 +1,6 @@
-"""Evaluation helpers over megatron models (tp = pp = 1): LM loss, teacher-forced predictions (full cache, or a DMS
-student's evicted cache: its hard-mode full forward equals decoding with physical eviction, which the tests prove),
-held-out KL and achieved compression."""
+"""Evaluation helpers over one-rank megatron models (tp = pp = 1; the tiny teacher's pre-training): LM loss and
+teacher-forced predictions (full cache, or a DMS student's evicted cache: its hard-mode full forward equals decoding
+with physical eviction, which the tests prove). A re-fit's end-of-run numbers come from the trainer's report stage."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from dms_megatron.core.losses import kd_loss
 from dms_megatron.data.recall import answer_accuracy
 from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
@@ -60,32 +59,4 @@ def recall_accuracy(model, items: List[dict], vocab_size: int, device: Optional[
     return answer_accuracy(items, predictions)
 
 
-@torch.no_grad()
-def heldout_metrics(student, teacher, batches, vocab_size: int) -> dict:
-    """KL(student_hard || teacher) per token and the kept-key fraction under hard decisions on held-out batches.
-
-    ``achieved_cr`` = 1 / (fraction of keys whose final hard flag is "keep"), over all layers, KV heads and
-    non-padding positions.
-    """
-    kl_sum, tok, kept, total = 0.0, 0.0, 0.0, 0.0
-    was_training = student.training
-    student.eval()
-    for b in batches:
-        rt = DMSRuntime(mode="hard")
-        s = _forward(student, b["tokens"], rt)[..., :vocab_size]
-        t = _forward(teacher, b["tokens"], None)[..., :vocab_size]
-        m = b["loss_mask"]
-        kl_sum += kd_loss(s, t, m).item() * float(m.sum())
-        tok += float(m.sum())
-        valid = m > 0
-        for flags in rt.key_flags.values():  # [b, ng, s]
-            v = valid[:, None, :].expand_as(flags)
-            kept += float((~flags & v).sum())
-            total += float(v.sum())
-    student.train(was_training)
-    kept_frac = kept / max(total, 1.0)
-    return {"kl_to_teacher": kl_sum / max(tok, 1.0), "kept_fraction": kept_frac,
-            "achieved_cr": 1.0 / max(kept_frac, 1e-9)}
-
-
-__all__ = ["lm_loss", "teacher_forced_predictions", "recall_accuracy", "heldout_metrics"]
+__all__ = ["lm_loss", "teacher_forced_predictions", "recall_accuracy"]

@@ -1,25 +1,15 @@
-"""End-of-run evaluation on one rank: report.json (held-out KL, achieved CR, teacher and student recall) and
-refit.png. A tensor/pipeline-parallel run is evaluated from its final checkpoint, resharded to tp = pp = 1, in a
-fresh one-rank process (``report_from_checkpoint``; the worker starts it)."""
+"""The end-of-run report files: report.json (held-out KL, achieved CR, teacher and student recall, computed by the
+trainer's report stage at the training layout) and refit.png."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import matplotlib
-import yaml
 
-from dms_megatron.checkpoint import load_model_weights
 from dms_megatron.config import RefitConfig
-from dms_megatron.data.indexed import collate
-from dms_megatron.data.recall import read_items
-from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
-from dms_megatron.megatron.model import build_gpt_model
-from dms_megatron.training.evaluation import heldout_metrics, recall_accuracy
-from dms_megatron.training.inputs import RunInputs
-from dms_megatron.training.weights import load_init_weights
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
@@ -64,27 +54,21 @@ def plot_run(history: List[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, cfg: RefitConfig, inputs: RunInputs, student, teacher, valid_ds,
+def write_report(run_dir: Path, cfg: RefitConfig, heldout: dict, recall: Optional[dict],
                  history: List[dict]) -> dict:
+    """report.json (and refit.png) from the report stage's numbers: ``heldout`` the evaluate stage's
+    (valid/kd_loss, valid/evicted_fraction, valid/achieved_cr), ``recall`` (teacher_recall_acc, student_recall_acc,
+    recall_answers) or None where the task has no answers."""
     t, d = cfg.train, cfg.dms
-    vocab = inputs.model_config.vocab_size
-    n = min(len(valid_ds), t.eval_batches * t.micro_batch_size)
-    batches = [collate([valid_ds[i] for i in range(s, min(n, s + t.micro_batch_size))])
-               for s in range(0, n, t.micro_batch_size)]
-    m = heldout_metrics(student, teacher, batches, vocab)
-    report = {"target_cr": d.final_cr, "achieved_cr": m["achieved_cr"], "kept_fraction": m["kept_fraction"],
-              "kl_to_teacher": m["kl_to_teacher"], "steps": t.steps,
+    cr = heldout["valid/achieved_cr"]
+    report = {"target_cr": d.final_cr, "achieved_cr": cr, "kept_fraction": 1.0 - heldout["valid/evicted_fraction"],
+              "kl_to_teacher": heldout["valid/kd_loss"], "steps": t.steps,
               "tokens_per_s": (sum(h["tokens_per_s"] for h in history) / len(history)) if history else None,
-              "window": d.window, "alpha_source": d.alpha_source, "train_mode": t.mode}
-    if inputs.recall_eval:
-        items = read_items(inputs.recall_eval, t.recall_eval_limit)
-        report["teacher_recall_acc"] = recall_accuracy(teacher, items, vocab)
-        report["student_recall_acc"] = recall_accuracy(student, items, vocab, runtime_mode="hard")
-        report["recall_answers"] = sum(len(it["answers"]) for it in items)
+              "window": d.window, "alpha_source": d.alpha_source, "train_mode": t.mode, **(recall or {})}
     if history:
         report["final_train"] = {k: history[-1][k] for k in ("kd_loss", "compression_loss", "evicted_fraction",
                                                               "target_fraction")}
-        plot_run(history, Path(run_dir) / "refit.png", run_title(run_dir, cfg, m["achieved_cr"]))
+        plot_run(history, Path(run_dir) / "refit.png", run_title(run_dir, cfg, cr))
     Path(run_dir, "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -102,25 +86,4 @@ def read_history(run_dir: Path) -> List[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def report_from_checkpoint(run_dir: Path) -> dict:
-    """The report of a finished run from its config.yaml and final checkpoint, in this process at tp = pp = 1."""
-    d = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    d["parallel"] = dict(d.get("parallel") or {}, tp=1, pp=1, sequence_parallel=False, nproc_per_node=None,
-                         nnodes=1)
-    cfg = RefitConfig.from_dict(d)
-    init_process_groups(1, 1, seed=cfg.train.seed)
-    try:
-        inputs = RunInputs.resolve(cfg, build=True)
-        mc, seq = inputs.model_config, cfg.train.seq_length
-        teacher = build_gpt_model(mc, None, seq_length=seq)
-        load_init_weights(inputs.init, teacher, mc)
-        teacher.eval()
-        student = build_gpt_model(mc, cfg.dms, seq_length=seq)
-        load_model_weights(Path(run_dir) / "checkpoints", student)
-        _, valid_ds = inputs.datasets(cfg, run_dir)
-        return write_report(Path(run_dir), cfg, inputs, student, teacher, valid_ds, read_history(run_dir))
-    finally:
-        destroy_process_groups()
-
-
-__all__ = ["write_report", "report_from_checkpoint", "plot_run", "run_figure", "run_title", "read_history", "format_report"]
+__all__ = ["write_report", "plot_run", "run_figure", "run_title", "read_history", "format_report"]

@@ -9,7 +9,8 @@
   evaluate    every ``eval_interval`` steps: held-out KD and evicted fraction of the student under inference
               (hard) eviction, forward-only through the same schedule and layout, logged with the step
   checkpoint  an atomic dist-checkpoint of the student (every ``save_interval`` steps, at the end, on preemption)
-  report      held-out KL, achieved CR and recall (report.json, refit.png), on one rank
+  report      the end-of-run numbers (held-out KL, achieved CR, teacher and student recall), forward-only through
+              the same schedule and layout on every rank; rank 0 writes report.json and refit.png
 
 Runs in every rank (one process, local processes started by dms-refit, torchrun or srun); never imports Hydra. ``TrainerHooks`` is the explicit test hook
 (gradients after backward, a transformed loss, a callback after each step).
@@ -35,8 +36,10 @@ from dms_megatron.config import ConfigError, RefitConfig
 from dms_megatron.convert.hf_io import iter_side_files, read_config
 from dms_megatron.convert.hf_model import is_hf_dir
 from dms_megatron.convert.workflows import ASSETS
+from dms_megatron.core.compression import cr_from_evicted_fraction
 from dms_megatron.core.losses import band_upper_fraction, compression_loss, cr_at_step, target_evicted_fraction
 from dms_megatron.data.indexed import collate
+from dms_megatron.data.recall import read_items
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
 from dms_megatron.megatron.distributed import init_process_groups, rank, validate_model_layout
 from dms_megatron.megatron.model import build_gpt_model, params_dtype, transformer_config
@@ -45,7 +48,8 @@ from dms_megatron.megatron.pipeline import DistillationStage, pipeline_micro_bat
 from dms_megatron.megatron.runtime import DMSRuntime
 from dms_megatron.training.inputs import RunInputs
 from dms_megatron.training.logger import MetricsLogger
-from dms_megatron.training.metrics import dp_mean, step_metrics
+from dms_megatron.training.heldout import RECALL_KEYS, recall_counts, recall_micro_batches
+from dms_megatron.training.metrics import dp_mean, step_metrics, summed, with_achieved_cr
 from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from dms_megatron.training.preemption import Preempted, PreemptionHandler
 from dms_megatron.training.report import write_report
@@ -81,10 +85,11 @@ class RefitTrainer:
         self.cfg, self.run_dir, self.hooks, self.log = cfg, Path(run_dir), hooks or TrainerHooks(), log
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.start = 0
+        self._evaluated: Optional[tuple] = None  # (step, metrics) of the latest evaluate stage
 
     # ---- the whole run --------------------------------------------------------------------------------------
     def run(self, report: bool = True) -> dict:
-        """Train, checkpoint and (``report``) evaluate. Returns the report dict (rank 0, tp = pp = 1) or {}."""
+        """Train, checkpoint and (``report``) evaluate on every rank. Returns the report dict on rank 0, else {}."""
         self.build()
         self.resume()
         self.data()
@@ -104,9 +109,7 @@ class RefitTrainer:
         finally:
             preempt.uninstall()
             self.logger.close()
-        if not report or rank() != 0 or self.tp * self.pp > 1:
-            return {}
-        return self.report()
+        return self.report() if report else {}
 
     # ---- stages ---------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -197,24 +200,30 @@ class RefitTrainer:
                 seq_length=t.seq_length, forward_only=forward_only,
                 micro_batch_size=pipeline_micro_batch_size(t.micro_batch_size) if self.pp > 1 else t.micro_batch_size)
 
-    def forward_step_func(self, step: int, target: float, layer_fracs: list, mode: str = "train"):
+    def forward_step_func(self, step: int, target: float, layer_fracs: list, mode: str = "train", score=None):
         """megatron's ``forward_step_func`` for one optimizer step (``mode`` "train") or one evaluation ("hard":
         inference eviction, no noise): (data_iterator, model) -> (output, loss_func). Appends each micro batch's
-        per-layer evicted fractions to ``layer_fracs``."""
+        per-layer evicted fractions to ``layer_fracs``. ``score(output, batch)`` -> (loss, values) replaces the
+        loss (the recall count of the report stage). A batch's real tokens are its ``valid`` entry, else the
+        loss-mask positions and EOS tokens (the rest is padding)."""
         cfg, mc = self.cfg, self.model_config
 
         def forward_step(data_iterator, model):
             b = next(data_iterator)
-            valid = (b["loss_mask"] > 0) | (b["tokens"] == self.inputs.eos_id)
+            valid = b["valid"] if "valid" in b else (b["loss_mask"] > 0) | (b["tokens"] == self.inputs.eos_id)
             rt = DMSRuntime(mode=mode, seed=cfg.train.seed, step=step, sample_ids=b["sample_ids"], valid=valid,
                             record_flags=False)
             out = model(b["tokens"], b["position_ids"], None, runtime=rt)
             layer_fracs.append(layer_fraction_vector(rt.fractions, mc.num_layers))
-            return out, lambda output: self.loss(step, output, b["loss_mask"], target, hooked=mode == "train")
+            if score is not None:
+                return out, lambda output: score(output, b)
+            keys = valid.sum(-1)  # real keys per sample (core.compression's key slots per layer and KV head)
+            return out, lambda output: self.loss(step, output, b["loss_mask"], target, hooked=mode == "train",
+                                                 keys=keys)
 
         return forward_step
 
-    def loss(self, step: int, output, loss_mask, target: float, hooked: bool = True):
+    def loss(self, step: int, output, loss_mask, target: float, hooked: bool = True, keys=None):
         """KD + compression loss of one micro batch on the last pipeline stage; (loss, reported values)."""
         s_logits, t_logits, frac_sum = output  # logits [b, s, V/tp]; frac_sum [b] over all stages
         t = self.cfg.train
@@ -225,13 +234,21 @@ class RefitTrainer:
         if hooked and self.hooks.loss is not None:
             loss = self.hooks.loss(step + 1, loss)
         return loss, {"loss": loss.detach().clone(), "kd_loss": kd.detach(), "compression_loss": comp.detach(),
-                      "evicted_fraction": frac.detach().mean()}
+                      **self._slot_counts(frac, keys)}
+
+    def _slot_counts(self, frac, keys) -> dict:
+        """Evicted and total key slots (core.compression) of a micro batch from its per-sample evicted fraction
+        over all layers and KV heads, ``frac`` [b], and its real keys per sample, ``keys`` [b]."""
+        mc = self.model_config
+        keys = torch.ones_like(frac) if keys is None else keys.to(frac.dtype)
+        per_key = mc.num_layers * mc.num_query_groups
+        return {"evicted_slots": float((frac.detach() * keys).sum()) * per_key, "slots": float(keys.sum()) * per_key}
 
     def upper_fraction(self, target: float):
         """The evicted fraction above which the compression loss charges over-eviction at ``target`` (None: the
         one-sided loss)."""
         d = self.cfg.dms
-        return band_upper_fraction(1.0 / (1.0 - target), d.cr_band) if d.cr_loss == "band" else None
+        return band_upper_fraction(cr_from_evicted_fraction(target), d.cr_band) if d.cr_loss == "band" else None
 
     def train_step(self, step: int) -> dict:
         t, d = self.cfg.train, self.cfg.dms
@@ -243,7 +260,8 @@ class RefitTrainer:
         self.optimizer.zero_grad()
         reduced = self._schedule(self.forward_step_func(step, target, layer_fracs), self.micro_batches(step),
                                  num_micro, forward_only=False)
-        metrics = dp_mean(step_metrics(reduced, sum(layer_fracs) / num_micro, self.tp))
+        metrics = with_achieved_cr(dp_mean(step_metrics(reduced, sum(layer_fracs) / num_micro, self.tp)),
+                                   "achieved_cr_train")
         if not math.isfinite(metrics["loss"]):
             raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint in "
                                    f"{self.ckpt_dir} is kept")
@@ -254,8 +272,8 @@ class RefitTrainer:
             _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         dt = time.perf_counter() - t0
-        metrics.update(step=step + 1, target_fraction=target, target_cr=1.0 / (1.0 - target),
-                       achieved_cr_train=1.0 / max(1e-9, 1.0 - metrics["evicted_fraction"]), lr=lr,
+        metrics.update(step=step + 1, target_fraction=target, target_cr=cr_from_evicted_fraction(target),
+                       lr=lr,
                        grad_norm=float(grad_norm or 0.0), tokens_per_s=t.global_batch_size * t.seq_length / dt)
         return metrics
 
@@ -266,19 +284,40 @@ class RefitTrainer:
         decisions over all layers, KV heads and non-padding positions)."""
         batches = list(self.valid_micro_batches())
         layer_fracs: list = []
-        self.ddp.train(False)
-        try:
-            reduced = self._schedule(self.forward_step_func(step, 0.0, layer_fracs, mode="hard"), iter(batches),
-                                     len(batches), forward_only=True)
-        finally:
-            self.ddp.train(True)
-        m = dp_mean(step_metrics(reduced, sum(layer_fracs) / len(batches), self.tp))
+        reduced = self._forward_only(self.forward_step_func(step, 0.0, layer_fracs, mode="hard"), batches)
+        m = with_achieved_cr(dp_mean(step_metrics(reduced, sum(layer_fracs) / len(batches), self.tp)))
         out = {"valid/kd_loss": m["kd_loss"], "valid/evicted_fraction": m["evicted_fraction"],
-               "valid/achieved_cr": 1.0 / max(1e-9, 1.0 - m["evicted_fraction"])}
+               "valid/achieved_cr": m["achieved_cr"]}
         if rank() == 0:
             self.log(f"eval at step {step}: held-out KD {out['valid/kd_loss']:.4f} nats/token, CR "
                      f"{out['valid/achieved_cr']:.2f} (inference eviction, {len(batches) * self.dp} micro batches)")
+        self._evaluated = (step, out)
         return out
+
+    def _forward_only(self, forward_step, batches: list) -> list:
+        """The schedule forward-only over this rank's ``batches`` with the student in eval mode."""
+        self.ddp.train(False)
+        try:
+            return self._schedule(forward_step, iter(batches), len(batches), forward_only=True)
+        finally:
+            self.ddp.train(True)
+
+    @torch.no_grad()
+    def recall(self) -> dict:
+        """Teacher-forced greedy accuracy of teacher and student (inference eviction) at every answer of the
+        held-out recall items, forward-only through the training layout; equal on every rank."""
+        t, vocab = self.cfg.train, self.model_config.vocab_size
+        items = read_items(self.inputs.recall_eval, t.recall_eval_limit)
+        batches = recall_micro_batches(items, t.seq_length, t.micro_batch_size, self.dp_rank, self.dp)
+
+        def score(output, b):
+            return output[0].new_zeros(()), recall_counts(output[0], output[1], b, vocab)
+
+        n = summed(self._forward_only(self.forward_step_func(t.steps, 0.0, [], mode="hard", score=score), batches),
+                   RECALL_KEYS)
+        answers = max(n["answers"], 1.0)
+        return {"teacher_recall_acc": n["teacher_correct"] / answers,
+                "student_recall_acc": n["student_correct"] / answers, "recall_answers": int(n["answers"])}
 
     def checkpoint(self, step: int) -> None:
         extra = {"model_config": asdict(self.model_config), "dms_config": asdict(self.cfg.dms),
@@ -295,8 +334,15 @@ class RefitTrainer:
             raise Preempted(step, self.ckpt_dir, preempt.received)
 
     def report(self) -> dict:
-        return write_report(self.run_dir, self.cfg, self.inputs, self.student, self.teacher, self.valid_ds,
-                            self.logger.history())
+        """The report stage, on every rank at the training layout: held-out KL and achieved CR after the last step
+        (the evaluate stage's, reused when the run has just evaluated that step) and, where the task has answers,
+        teacher and student recall. Rank 0 writes report.json and refit.png and returns the report; others {}."""
+        steps = self.cfg.train.steps
+        ev = self._evaluated[1] if self._evaluated and self._evaluated[0] == steps else self.evaluate(steps)
+        recall = self.recall() if self.inputs.recall_eval else None
+        if rank() != 0:
+            return {}
+        return write_report(self.run_dir, self.cfg, ev, recall, self.logger.history())
 
     def _carry_hf_metadata(self) -> Optional[dict]:
         """What ``dms-convert export`` needs from an imported teacher: its HF config (returned, saved in every
