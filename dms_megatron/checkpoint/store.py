@@ -111,6 +111,14 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
     return final
 
 
+def checkpoints_dir(path) -> Path:
+    """A dms-refit run dir or a megatron checkpoint dir -> the dir holding ``latest_checkpointed_iteration.txt``."""
+    path = Path(path)
+    if (path / "checkpoints" / TRACKER).is_file():
+        return path / "checkpoints"
+    return path
+
+
 def latest_iteration(load_dir) -> Optional[int]:
     """The iteration recorded in the tracker file, or None if ``load_dir`` has no checkpoint."""
     p = Path(load_dir) / TRACKER
@@ -293,4 +301,4 @@ def read_checkpoint_configs(load_dir, iteration: Optional[int] = None) -> Tuple[
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "latest_iteration", "resolve_checkpoint",
-           "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir", "TRACKER"]
+           "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir", "TRACKER", "checkpoints_dir"]
