@@ -154,8 +154,8 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
     fits = m.total <= gpu_memory_gib * GIB
     lines.append(f"fits a {gpu_memory_gib:g} GiB GPU" if fits else
                  f"DOES NOT FIT a {gpu_memory_gib:g} GiB GPU ({m.total / GIB:,.1f} GiB): lower "
-                 f"train.micro_batch_size or train.seq_length, raise parallel.tp / parallel.pp, or set "
-                 f"train.distributed_optimizer=true")
+                 f"train.micro_batch_size or train.seq_length, raise parallel.tp / parallel.pp"
+                 f"{'' if t.distributed_optimizer else ', or set train.distributed_optimizer=true'}")
     return "\n".join(lines), fits
 
 
