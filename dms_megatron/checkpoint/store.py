@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemReader
@@ -53,6 +53,20 @@ def iter_dir(save_dir, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
 
+RNG_KEY = "rng_state"
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rng_object(data=None) -> ShardedObject:
+    """This rank's torch RNG state as its own shard of a per-rank object (megatron keeps per-rank RNG state this
+    way): in the common state every rank's differing copy would be compared with rank 0's and logged per rank."""
+    return ShardedObject(RNG_KEY, torch.get_rng_state() if data is None else data, (_world(),), (rank(),),
+                         replica_id=0)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -83,7 +97,8 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
         state["optimizer"] = optimizer.sharded_state_dict(state["model"])
     elif len(_unwrap(model)) == 1:  # weights only (conversion): no transient copy of every fc1 weight
         merge_swiglu_factories(state["model"])
-    common = {"iteration": iteration, "extra": extra or {}, "rng": torch.get_rng_state()}
+    state["rng"] = _rng_object()
+    common = {"iteration": iteration, "extra": extra or {}, "rng_world_size": _world()}
     if scheduler is not None:
         common["scheduler"] = scheduler.state_dict()
     state["common"] = common
@@ -229,7 +244,8 @@ def _apply_model(model, loaded_model: dict, strict: bool):
 
 def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: Optional[int] = None,
                     strict: bool = True, restore_rng: bool = True) -> Tuple[int, dict]:
-    """Load a full training state. Returns (iteration, extra)."""
+    """Load a full training state. Returns (iteration, extra). Each rank's torch RNG state comes back
+    (``restore_rng``) when the checkpoint was saved by as many ranks; at another world size it keeps its seed."""
     d, iteration = resolve_checkpoint(load_dir, iteration)
     common = _common(d)
     state = {"model": _model_sharded_sd(model)}
@@ -237,6 +253,10 @@ def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: 
         # A checkpoint saved before the first optimizer step holds no moments: load it into an empty state.
         has_state = any(k.startswith("optimizer.state.") for k in dist_checkpointing.load_tensors_metadata(str(d)))
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=has_state)
+    # per-rank RNG state: restored when the world size matches the save's (another layout starts from its seed)
+    rng = restore_rng and common.get("rng_world_size") == _world()
+    if rng:
+        state["rng"] = _rng_object()
     loaded = _load(d, state, strict)
     _apply_model(model, loaded["model"], strict)
     if optimizer is not None:
@@ -245,7 +265,9 @@ def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: 
         if "scheduler" not in common:
             raise CheckpointError(f"checkpoint {d} has no scheduler state (saved without a scheduler)")
         scheduler.load_state_dict(common["scheduler"])
-    if restore_rng and "rng" in common:
+    if rng:
+        torch.set_rng_state(loaded["rng"])
+    elif restore_rng and "rng" in common:  # written before the RNG state was per rank: rank 0's state
         torch.set_rng_state(common["rng"])
     return iteration, common.get("extra", {})
 
