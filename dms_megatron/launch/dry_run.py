@@ -52,7 +52,7 @@ def layer_params(mc, dms) -> int:
 
 def stage_params(mc, dms, tp: int, pp: int) -> int:
     """Parameters held by one GPU of the largest pipeline stage (tensor-parallel share; norms are replicated)."""
-    vocab = mc.padded_vocab_size * mc.hidden_size
+    vocab = mc.padded_vocab_size(tp) * mc.hidden_size
     layers = mc.num_layers // pp * layer_params(mc, dms) // tp
     first = layers + vocab // tp
     last = layers + mc.hidden_size + vocab // tp  # with pp > 1 a tied output layer is a copy on the last stage
@@ -130,7 +130,7 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
         f"model: {mc.family} {mc.num_layers} layers (pp stage: {mc.num_layers // p.pp}), {mc.num_attention_heads} "
         f"heads / {mc.num_query_groups} KV heads (per tp rank: {mc.num_attention_heads // p.tp} / "
         f"{mc.num_query_groups // p.tp}), ffn {mc.ffn_hidden_size} (per tp rank {mc.ffn_hidden_size // p.tp}), "
-        f"padded vocab {mc.padded_vocab_size} (per tp rank {mc.padded_vocab_size // p.tp})",
+        f"padded vocab {mc.padded_vocab_size(p.tp)} (per tp rank {mc.padded_vocab_size(p.tp) // p.tp})",
         f"tp groups: {_fmt_groups(g['tp'])}",
         f"pp groups: {_fmt_groups(g['pp'])}",
         f"dp groups: {_fmt_groups(g['dp'])}",
