@@ -51,6 +51,11 @@ def test_h100_layout_groups_tokens_and_parameter_count():
     # of the busiest stage's GPU, divided by 16
     assert cfg.train.distributed_optimizer and "distributed optimizer" in text
     assert estimate(cfg, 16).optimizer == 12 * stage_params(mc, cfg.dms, 8, 2) // 16
+    # Megatron-LM's padding: 151,936 -> a multiple of 128 * 8 = 152,576; the last stage's logits / KL buffers of one
+    # [4096, 1] micro batch: 3 bf16 + 3 fp32 values per local vocabulary entry (152,576 / 8 = 19,072)
+    assert mc.padded_vocab_size(8) == 152_576 and mc.padded_vocab_size(1) == 151_936
+    assert estimate(cfg, 16).logits == 4096 * 19_072 * (3 * 2 + 3 * 4)
+    assert "evaluation stage" in text and "checkpoint save writes" in text and "logits / KL" in text
 
 
 def _run(module, *args):

@@ -34,10 +34,13 @@ class MemoryEstimate:
     optimizer: int
     teacher_params: int
     activations: int
+    logits: int = 0  # the last stage's logits / KL buffers of one micro batch
+    checkpoint: int = 0  # bytes one save writes per GPU (host memory staging copy with train.async_save)
 
     @property
     def total(self) -> int:
-        return self.student_params + self.grads + self.optimizer + self.teacher_params + self.activations
+        return (self.student_params + self.grads + self.optimizer + self.teacher_params + self.activations
+                + self.logits)
 
 
 def layer_params(mc, dms) -> int:
@@ -80,6 +83,14 @@ def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4) -> int:
     return per_layer * (mc.num_layers // pp) * min(pp, num_micro)
 
 
+def logits_bytes(cfg, tp: int, bytes_per: int) -> int:
+    """The last stage's loss buffers of one micro batch [s, b, V/tp]: student and teacher logits and the student
+    logits' gradient in the train precision, their fp32 log-softmax (two) and the per-element KL term (fp32)."""
+    t = cfg.train
+    n = t.seq_length * t.micro_batch_size * cfg.model.padded_vocab_size(tp) // tp
+    return n * (3 * bytes_per + 3 * 4)
+
+
 def precision_on_gpu(cfg) -> str:
     return "bf16" if cfg.train.precision in ("auto", "bf16") else "fp32"
 
@@ -96,7 +107,8 @@ def estimate(cfg, dp: int) -> MemoryEstimate:
     teacher = stage_params(cfg.model, None, tp, pp)
     optim = (8 + (4 if pbytes == 2 else 0)) * trainable // (dp if cfg.train.distributed_optimizer else 1)
     return MemoryEstimate(student_params=pbytes * student, grads=4 * trainable, optimizer=optim,
-                          teacher_params=pbytes * teacher, activations=activation_bytes(cfg, tp, pp, dp, pbytes))
+                          teacher_params=pbytes * teacher, activations=activation_bytes(cfg, tp, pp, dp, pbytes),
+                          logits=logits_bytes(cfg, tp, pbytes), checkpoint=pbytes * student + optim)
 
 
 def rank_groups(tp: int, pp: int, dp: int) -> dict:
@@ -149,7 +161,15 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
         f"  teacher copy   {_size(m.teacher_params)}",
         f"  activations    {_size(m.activations)}  (incl. K/V; seq {t.seq_length}, micro batch "
         f"{t.micro_batch_size}, dms.backend={cfg.dms.backend}, no recompute)",
+        f"  logits / KL    {_size(m.logits)}  (last stage: student + teacher logits [s, b, V/tp], their fp32 "
+        f"log-softmax, KL term, logits grad)",
         f"  total          {_size(m.total)}",
+        "phases: train step = the total above; evaluation stage (forward only, every train.eval_interval steps) "
+        "stores no activations for backward and holds the same logits / KL buffers, so it stays below it;",
+        f"  checkpoint save writes {_size(m.checkpoint).strip()} per GPU (student weights + optimizer state)"
+        + (", staged in host memory and written in the background (train.async_save)" if t.async_save else
+           ", synchronously: every rank waits for the slowest write (train.async_save=true writes in the "
+           "background)"),
     ]
     fits = m.total <= gpu_memory_gib * GIB
     lines.append(f"fits a {gpu_memory_gib:g} GiB GPU" if fits else
