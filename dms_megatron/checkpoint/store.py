@@ -19,10 +19,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
@@ -67,6 +69,22 @@ def _rng_object(data=None) -> ShardedObject:
     way): in the common state every rank's differing copy would be compared with rank 0's and logged per rank."""
     return ShardedObject(RNG_KEY, torch.get_rng_state() if data is None else data, (_world(),), (rank(),),
                          replica_id=0)
+
+
+def _dp_group():
+    """The data-parallel group when dp > 1 (its replicas split the writes and reads of a checkpoint), else None."""
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _save_strategy():
+    """megatron's fully parallel save at dp > 1: each data-parallel replica writes its share of the replicated
+    tensors instead of dp rank 0 writing them all (None: the default strategy). Loads use the default strategy:
+    megatron's fully parallel load wrapper failed on CPU/gloo at dp 2 (a rank exits while loading)."""
+    group = _dp_group()
+    return None if group is None else FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
 
 
 def _barrier() -> None:
@@ -164,7 +182,8 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
     level = writer_log.level
     writer_log.setLevel(logging.CRITICAL)  # its error line would repeat the one CheckpointError below
     try:
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=async_saves is not None)
+        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
+                                          async_sharded_save=async_saves is not None)
     except (Exception, DCPException) as e:  # noqa: BLE001 - disk full, file-size limit, ...: one line, no partial
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
