@@ -73,8 +73,9 @@ def test_hf_megatron_hf_round_trip_is_byte_identical(megatron_single, tmp_path, 
 def test_bf16_round_trip_keeps_dtype_and_bytes(megatron_single, tmp_path):
     hf = make_hf_model("qwen2").to(torch.bfloat16)
     save_hf_model(hf, tmp_path / "hf")
-    _import(tmp_path / "hf", tmp_path / "meg")  # megatron master weights in fp32 (exact for bf16 values)
-    _export(tmp_path / "meg", tmp_path / "out", "--format", "plain")  # dtype defaults to the original's
+    _import(tmp_path / "hf", tmp_path / "run" / "checkpoints")  # megatron master weights in fp32 (exact for bf16)
+    # a dms-refit run dir is accepted as it is (its checkpoints/ holds the tracker), as dms-generate accepts it
+    _export(tmp_path / "run", tmp_path / "out", "--format", "plain")  # dtype defaults to the original's
     _assert_byte_identical(tmp_path / "hf", tmp_path / "out")
 
 

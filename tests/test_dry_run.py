@@ -18,13 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def _cfg(parallel="h100_256", model="qwen3-8b", train="paper", dms="paper"):
     from dms_megatron.config import RefitConfig
 
-    d = {"parallel": parallel, "model": model, "train": train, "dms": dms}
-    return RefitConfig.from_dict({k: yaml.safe_load((ROOT / "dms_megatron" / "configs" / k / f"{v}.yaml").read_text())
-                                  for k, v in d.items()})
+    d = {"model": model, "dms": dms, "train": train, "parallel": parallel}  # refit.yaml's defaults order
+    merged: dict = {}
+    for k, v in d.items():
+        text = (ROOT / "dms_megatron" / "configs" / k / f"{v}.yaml").read_text()
+        group = yaml.safe_load(text)
+        for key, val in (group if "@package _global_" in text else {k: group}).items():
+            merged.setdefault(key, {}).update(val)
+    return RefitConfig.from_dict(merged)
 
 
 def test_h100_layout_groups_tokens_and_parameter_count():
-    from dms_megatron.launch.dry_run import describe, layer_params, rank_groups, stage_params
+    from dms_megatron.launch.dry_run import describe, estimate, layer_params, rank_groups, stage_params
 
     cfg = _cfg()
     assert cfg.parallel.world_size == 256
@@ -42,6 +47,15 @@ def test_h100_layout_groups_tokens_and_parameter_count():
     assert "tp=8 pp=2 dp=16" in text and "1,048,576 tokens per step" in text
     assert "[0, 128]" in text and "teacher copy" in text and "Adam moments + fp32 main params" in text
     assert "bf16 parameters" in text and fits and "fits a 80 GiB GPU" in text
+    # the preset shards Adam state over dp=16: 12 bytes (two fp32 moments + fp32 main param) per trainable parameter
+    # of the busiest stage's GPU, divided by 16
+    assert cfg.train.distributed_optimizer and "distributed optimizer" in text
+    assert estimate(cfg, 16).optimizer == 12 * stage_params(mc, cfg.dms, 8, 2) // 16
+    # Megatron-LM's padding: 151,936 -> a multiple of 128 * 8 = 152,576; the last stage's logits / KL buffers of one
+    # [4096, 1] micro batch: 3 bf16 + 3 fp32 values per local vocabulary entry (152,576 / 8 = 19,072)
+    assert mc.padded_vocab_size(8) == 152_576 and mc.padded_vocab_size(1) == 151_936
+    assert estimate(cfg, 16).logits == 4096 * 19_072 * (3 * 2 + 3 * 4)
+    assert "evaluation stage" in text and "checkpoint save writes" in text and "logits / KL" in text
 
 
 def _run(module, *args):
@@ -83,9 +97,12 @@ def test_dry_run_says_when_a_layout_does_not_fit_and_counts_bf16_and_the_distrib
     from dms_megatron.launch.dry_run import describe, estimate
 
     base = _cfg()
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, distributed_optimizer=False))
     long = dataclasses.replace(base, train=dataclasses.replace(base.train, seq_length=40960, micro_batch_size=8))
     text, fits = describe(long)
     assert not fits and "DOES NOT FIT a 80 GiB GPU" in text and "train.distributed_optimizer=true" in text
+    text, _ = describe(dataclasses.replace(long, train=dataclasses.replace(long.train, distributed_optimizer=True)))
+    assert "DOES NOT FIT" in text and "distributed_optimizer" not in text.splitlines()[-1]  # no hint already taken
     # bf16 parameters are half of fp32's; the distributed optimizer divides the optimizer state by dp (16)
     fp32 = dataclasses.replace(base, train=dataclasses.replace(base.train, precision="fp32"))
     assert estimate(fp32, 16).student_params == 2 * estimate(base, 16).student_params

@@ -98,3 +98,24 @@ def assets(tmp_path_factory, megatron_single):
     from refit_fixtures import shared_assets
 
     return shared_assets(tmp_path_factory)
+
+
+def test_dp2_fully_parallel_async_checkpoint_loads_exactly_at_one_rank_and_at_dp2(assets, tmp_path):
+    """At dp=2 the replicas split the save (megatron's fully parallel save strategy), here with the
+    trainer's background saves (train.async_save=true): what two ranks load equals what one rank loads, and the
+    final checkpoint is ``latest``."""
+    from dms_megatron.checkpoint import latest_iteration
+
+    d2 = _cfg_dict(assets, steps=2)
+    d2["train"].update(async_save=True, save_interval=1, global_batch_size=4, micro_batch_size=2)
+    d2["parallel"]["nproc_per_node"] = 2
+    _torchrun(2, d2, tmp_path, "--run-dir", tmp_path / "dp2")
+    ckpt = tmp_path / "dp2" / "checkpoints"
+    assert latest_iteration(ckpt) == 2 and not list(ckpt.glob(".tmp*"))
+    _torchrun(2, d2, tmp_path, "--load", ckpt, tmp_path / "dp2.pt")
+    d1 = _cfg_dict(assets, steps=2)
+    d1["train"].update(global_batch_size=4, micro_batch_size=2)
+    on_one = _load_one_rank(d1, ckpt)
+    for f in sorted(glob.glob(f"{tmp_path / 'dp2.pt'}.rank*")):  # each replica holds the whole model (tp=pp=1)
+        dump = torch.load(f, weights_only=False)
+        _same(on_one, _merge([dict(dump, dp_rank=0)]))

@@ -117,7 +117,7 @@ def test_model_presets_are_valid_and_match_published_sizes(name):
     got = (mc.num_layers, mc.hidden_size, mc.ffn_hidden_size, mc.num_attention_heads, mc.num_query_groups,
            mc.kv_channels, mc.vocab_size)
     assert got == PRESETS[name]
-    assert mc.padded_vocab_size % 128 == 0
+    assert mc.padded_vocab_size() % 128 == 0 and mc.padded_vocab_size(8) % (128 * 8) == 0
 
 
 @pytest.mark.parallel

@@ -8,6 +8,7 @@ directory that is renamed into place once complete, and the tracker file is repl
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import queue
 import re
@@ -18,9 +19,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
@@ -53,53 +57,99 @@ def iter_dir(save_dir, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
 
+RNG_KEY = "rng_state"
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rng_object(data=None) -> ShardedObject:
+    """This rank's torch RNG state as its own shard of a per-rank object (megatron keeps per-rank RNG state this
+    way): in the common state every rank's differing copy would be compared with rank 0's and logged per rank."""
+    return ShardedObject(RNG_KEY, torch.get_rng_state() if data is None else data, (_world(),), (rank(),),
+                         replica_id=0)
+
+
+def _dp_group():
+    """The data-parallel group when dp > 1 (its replicas split the writes and reads of a checkpoint), else None."""
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _save_strategy():
+    """megatron's fully parallel save at dp > 1: each data-parallel replica writes its share of the replicated
+    tensors instead of dp rank 0 writing them all (None: the default strategy). Loads use the default strategy:
+    megatron's fully parallel load wrapper failed on CPU/gloo at dp 2 (a rank exits while loading)."""
+    group = _dp_group()
+    return None if group is None else FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def _use_in_process_results_queue() -> None:
-    """Our saves are synchronous, so the writer's results queue can live in this process.
+def _use_results_queue(in_background: bool) -> None:
+    """The writer's results queue: in this process for a synchronous save; for a background save a queue hosted
+    by a forked multiprocessing.Manager (a plain pipe queue deadlocks: the writer process blocks flushing its
+    results while the trainer joins it before reading them).
 
     megatron-core's FileSystemWriterAsync otherwise starts a spawned multiprocessing.Manager to host it, which
     re-imports ``__main__`` and outlives a SIGKILLed trainer (holding its stdout/stderr open).
     """
-    if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = queue.Queue()
+    q = getattr(filesystem_async, "_results_queue", None)
+    if in_background != (q is not None and not isinstance(q, queue.Queue)):
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue() if in_background else queue.Queue()
 
 
-def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None):
-    """Save model (+ optimizer, scheduler, extra python state) as iteration ``iteration`` under ``save_dir``."""
-    save_dir = Path(save_dir)
-    final = iter_dir(save_dir, iteration)
-    tmp = save_dir / f".tmp_iter_{iteration:07d}"
+class AsyncSaves:
+    """Checkpoint saves written in the background (megatron-core's async dist-checkpointing): ``save_checkpoint``
+    returns once the tensors are staged; ``finalize`` (a collective, at a step boundary, before the next save and
+    before exit) completes a finished write and only then renames it into place and moves ``latest``. A save that
+    never finalizes (killed, failed) stays a temporary directory: the previous checkpoint remains ``latest``."""
+
+    def __init__(self):
+        self.queue = AsyncCallsQueue()
+        self.dirs: list = []  # (save_dir, tmp) of the saves in flight, for clean-up after a failure
+
+    def schedule(self, request, save_dir: Path, tmp: Path) -> None:
+        self.dirs.append((save_dir, tmp))
+        self.queue.schedule_async_request(request)
+
+    def pending(self) -> int:
+        return self.queue.get_num_unfinalized_calls()
+
+    def finalize(self, blocking: bool = True) -> None:
+        """Finalize the saves that finished on every rank (all of them when ``blocking``); one-line CheckpointError
+        if a write failed (its temporary directory is removed, ``latest`` is unchanged)."""
+        try:
+            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, DCPException) as e:  # noqa: BLE001 - a failed background write: one line, no partial
+            failed = self.dirs
+            self.dirs = []
+            if rank() == 0:
+                for _, tmp in failed:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"writing checkpoint {failed[0][1] if failed else '?'} in the background failed: "
+                                  f"{_reason(e)}{write_limits(failed[0][0]) if failed else ''}") from e
+        del self.dirs[:len(done)]
+
+
+def _prepare(save_dir: Path, iteration: int) -> Tuple[Path, Path]:
+    final, tmp = iter_dir(save_dir, iteration), save_dir / f".tmp_iter_{iteration:07d}"
     if rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    state = {"model": _model_sharded_sd(model)}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
-    elif len(_unwrap(model)) == 1:  # weights only (conversion): no transient copy of every fc1 weight
-        merge_swiglu_factories(state["model"])
-    common = {"iteration": iteration, "extra": extra or {}, "rng": torch.get_rng_state()}
-    if scheduler is not None:
-        common["scheduler"] = scheduler.state_dict()
-    state["common"] = common
-    _use_in_process_results_queue()
-    writer_log = logging.getLogger(filesystem_async.__name__)
-    level = writer_log.level
-    writer_log.setLevel(logging.CRITICAL)  # its error line would repeat the one CheckpointError below
-    try:
-        dist_checkpointing.save(state, str(tmp))
-    except (Exception, DCPException) as e:  # noqa: BLE001 - disk full, file-size limit, ...: one line, no partial
-        if rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"writing checkpoint {final} failed: {_reason(e)}{write_limits(save_dir)}") from e
-    finally:
-        writer_log.setLevel(level)
-    _barrier()
+    return final, tmp
+
+
+def _commit(save_dir: Path, tmp: Path, final: Path, iteration: int) -> None:
+    """Rank 0 renames a complete save into place, then points the tracker at it (after every rank wrote)."""
     if rank() == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -107,8 +157,55 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
         tracker_tmp = save_dir / (TRACKER + ".tmp")
         tracker_tmp.write_text(str(iteration))
         os.replace(tracker_tmp, save_dir / TRACKER)
+
+
+def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None,
+                    async_saves: Optional[AsyncSaves] = None):
+    """Save model (+ optimizer, scheduler, extra python state) as iteration ``iteration`` under ``save_dir``; with
+    ``async_saves`` the write continues in the background and becomes ``latest`` when finalized."""
+    save_dir = Path(save_dir)
+    if async_saves is not None:
+        async_saves.finalize(blocking=True)  # one save in flight at a time
+    final, tmp = _prepare(save_dir, iteration)
+    state = {"model": _model_sharded_sd(model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    elif len(_unwrap(model)) == 1:  # weights only (conversion): no transient copy of every fc1 weight
+        merge_swiglu_factories(state["model"])
+    state["rng"] = _rng_object()
+    common = {"iteration": iteration, "extra": extra or {}, "rng_world_size": _world()}
+    if scheduler is not None:
+        common["scheduler"] = scheduler.state_dict()
+    state["common"] = common
+    _use_results_queue(in_background=async_saves is not None)
+    writer_log = logging.getLogger(filesystem_async.__name__)
+    level = writer_log.level
+    writer_log.setLevel(logging.CRITICAL)  # its error line would repeat the one CheckpointError below
+    try:
+        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
+                                          async_sharded_save=async_saves is not None)
+    except (Exception, DCPException) as e:  # noqa: BLE001 - disk full, file-size limit, ...: one line, no partial
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing checkpoint {final} failed: {_reason(e)}{write_limits(save_dir)}") from e
+    finally:
+        writer_log.setLevel(level)
+    if async_saves is not None:
+        request.add_finalize_fn(lambda: _commit(save_dir, tmp, final, iteration))
+        async_saves.schedule(request, save_dir, tmp)
+        return final
+    _barrier()
+    _commit(save_dir, tmp, final, iteration)
     _barrier()
     return final
+
+
+def checkpoints_dir(path) -> Path:
+    """A dms-refit run dir or a megatron checkpoint dir -> the dir holding ``latest_checkpointed_iteration.txt``."""
+    path = Path(path)
+    if (path / "checkpoints" / TRACKER).is_file():
+        return path / "checkpoints"
+    return path
 
 
 def latest_iteration(load_dir) -> Optional[int]:
@@ -221,7 +318,8 @@ def _apply_model(model, loaded_model: dict, strict: bool):
 
 def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: Optional[int] = None,
                     strict: bool = True, restore_rng: bool = True) -> Tuple[int, dict]:
-    """Load a full training state. Returns (iteration, extra)."""
+    """Load a full training state. Returns (iteration, extra). Each rank's torch RNG state comes back
+    (``restore_rng``) when the checkpoint was saved by as many ranks; at another world size it keeps its seed."""
     d, iteration = resolve_checkpoint(load_dir, iteration)
     common = _common(d)
     state = {"model": _model_sharded_sd(model)}
@@ -229,6 +327,10 @@ def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: 
         # A checkpoint saved before the first optimizer step holds no moments: load it into an empty state.
         has_state = any(k.startswith("optimizer.state.") for k in dist_checkpointing.load_tensors_metadata(str(d)))
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=has_state)
+    # per-rank RNG state: restored when the world size matches the save's (another layout starts from its seed)
+    rng = restore_rng and common.get("rng_world_size") == _world()
+    if rng:
+        state["rng"] = _rng_object()
     loaded = _load(d, state, strict)
     _apply_model(model, loaded["model"], strict)
     if optimizer is not None:
@@ -237,7 +339,9 @@ def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: 
         if "scheduler" not in common:
             raise CheckpointError(f"checkpoint {d} has no scheduler state (saved without a scheduler)")
         scheduler.load_state_dict(common["scheduler"])
-    if restore_rng and "rng" in common:
+    if rng:
+        torch.set_rng_state(loaded["rng"])
+    elif restore_rng and "rng" in common:  # written before the RNG state was per rank: rank 0's state
         torch.set_rng_state(common["rng"])
     return iteration, common.get("extra", {})
 
@@ -292,5 +396,5 @@ def read_checkpoint_configs(load_dir, iteration: Optional[int] = None) -> Tuple[
     return mc, dms, extra
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "latest_iteration", "resolve_checkpoint",
-           "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir", "TRACKER"]
+__all__ = ["AsyncSaves", "save_checkpoint", "load_checkpoint", "load_model_weights", "latest_iteration", "resolve_checkpoint",
+           "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir", "TRACKER", "checkpoints_dir"]

@@ -71,9 +71,11 @@ class ModelConfig:
     def gqa_factor(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.make_vocab_size_divisible_by
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Rows of the embedding / output layer at tensor-parallel size ``tp``: vocab_size rounded up to a multiple
+        of make_vocab_size_divisible_by * tp (Megatron-LM's rule, so shapes match its checkpoints). Rows from
+        vocab_size on are zero padding; checkpoints load across layouts whose padding differs."""
+        m = self.make_vocab_size_divisible_by * tp
         return ((self.vocab_size + m - 1) // m) * m
 
 

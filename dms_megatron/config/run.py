@@ -27,6 +27,8 @@ class TrainConfig:
     precision: "bf16" = bf16 parameters and compute with fp32 main parameters and gradients in the optimizer
     (megatron-core mixed precision), "fp32" everywhere, "auto" = bf16 on CUDA and fp32 on CPU.
     distributed_optimizer: shard the optimizer state over data-parallel ranks (megatron's distributed optimizer).
+    async_save: write checkpoints in the background (megatron-core's async dist-checkpointing); a save becomes
+        ``latest`` when finalized at a later step boundary, before the next save or at exit.
     """
 
     mode: str = "full"
@@ -46,6 +48,7 @@ class TrainConfig:
     compression_weight: float = 1.0
     precision: str = "auto"
     distributed_optimizer: bool = False
+    async_save: bool = False
     seed: int = 1234
     save_interval: int = 100
     # held-out evaluation (KD and CR under inference eviction, logged to metrics.jsonl) every eval_interval steps

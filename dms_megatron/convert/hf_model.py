@@ -28,15 +28,13 @@ def is_hf_dir(path) -> bool:
 def read_hf_model(hf_dir, *, tp: int = 1, divisible_by: int = DEFAULT_DIVISIBLE_BY):
     """Validate a HF checkpoint directory without loading tensors.
 
-    Returns (family, ModelConfig, DMSConfig or None, config.json dict, reader, bound rules). The padded vocab is a
-    multiple of ``divisible_by`` and of ``tp``.
+    Returns (family, ModelConfig, DMSConfig or None, config.json dict, reader, bound rules). At tensor-parallel size
+    ``tp`` the padded vocab is a multiple of ``divisible_by * tp`` (``ModelConfig.padded_vocab_size``).
     """
     hf = read_config(hf_dir)
     fam = family_for_hf_config(hf, f"{Path(hf_dir) / 'config.json'}")
     try:
         mc = fam.from_hf(hf, divisible_by)
-        if mc.padded_vocab_size % tp:
-            mc = fam.from_hf(hf, divisible_by * tp)
         dms = dms_from_hf(hf)
     except ConfigError as e:
         raise ConversionError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
@@ -104,8 +102,9 @@ class _RankTarget:
     def put_vocab(self, name: str, w: torch.Tensor) -> None:
         """Pad a vocabulary tensor straight into this rank's rows: no padded copy of the (largest) tensor."""
         p = self.params.get(name)
-        if p is None or p.shape[0] * self.tp != self.mc.padded_vocab_size:
-            raise ConversionError(f"megatron parameter {name!r} missing or not [{self.mc.padded_vocab_size}/{self.tp}, "
+        padded = self.mc.padded_vocab_size(self.tp)
+        if p is None or p.shape[0] * self.tp != padded:
+            raise ConversionError(f"megatron parameter {name!r} missing or not [{padded}/{self.tp}, "
                                   f"hidden] (model built with another config?)")
         with torch.no_grad():
             VocabPad.fill_shard(w, p, self.tp, self.tp_rank)

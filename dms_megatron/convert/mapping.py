@@ -60,9 +60,9 @@ class VocabPad(Transform):
 
     def to_megatron(self, hf, cfg):
         (w,) = hf
-        pad = cfg.padded_vocab_size - w.shape[0]
+        pad = cfg.padded_vocab_size() - w.shape[0]  # the full (tp=1) tensor
         if pad < 0:
-            raise ConversionError(f"vocab tensor has {w.shape[0]} rows > padded vocab {cfg.padded_vocab_size}")
+            raise ConversionError(f"vocab tensor has {w.shape[0]} rows > padded vocab {cfg.padded_vocab_size()}")
         return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
 
     def to_hf(self, t, cfg):

@@ -22,7 +22,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from dms_megatron.checkpoint import CheckpointError, load_model_weights, read_checkpoint_configs, save_checkpoint
+from dms_megatron.checkpoint import (CheckpointError, checkpoints_dir, load_model_weights, read_checkpoint_configs,
+                                     save_checkpoint)
 from dms_megatron.config import DMSConfig, ModelConfig
 from dms_megatron.convert.families import DTYPES, family_by_name, uses_adapter
 from dms_megatron.convert.hf_io import (ConversionError, check_output_dir, finalize_output, iter_side_files,
@@ -208,8 +209,10 @@ def export_checkpoint(megatron_path, hf_path, *, fmt: str = "dms", iteration: Op
                       dtype: Optional[str] = None, max_shard_bytes: int = 5 * 1024 ** 3,
                       modeling_code: Optional[Path] = None) -> Path:
     """Megatron checkpoint (any saved layout; loaded at tp=1, pp=1) -> HF directory ``hf_path`` (with the files of
-    ``modeling_code`` its auto_map names, for ``trust_remote_code`` loading)."""
+    ``modeling_code`` its auto_map names, for ``trust_remote_code`` loading). ``megatron_path`` may also be a
+    dms-refit run dir (its ``checkpoints/``)."""
     out = check_output_dir(hf_path)
+    megatron_path = checkpoints_dir(megatron_path)
     if fmt not in ("dms", "plain"):
         raise ConversionError(f"--format {fmt!r} is not supported; allowed: dms, plain")
     try:

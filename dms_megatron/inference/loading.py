@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 import torch
 
-from dms_megatron.checkpoint import TRACKER, CheckpointError, load_model_weights, read_checkpoint_configs
+from dms_megatron.checkpoint import CheckpointError, checkpoints_dir, load_model_weights, read_checkpoint_configs
 from dms_megatron.config import DMSConfig, ModelConfig
 from dms_megatron.convert.families import family_by_name, uses_adapter
 from dms_megatron.convert.hf_io import ConversionError
@@ -50,14 +50,6 @@ def from_megatron(sd: Dict[str, torch.Tensor], mc: ModelConfig, dms: Optional[DM
                   dtype: torch.dtype = torch.float32) -> DecoderModel:
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     return DecoderModel(mc, megatron_to_hf_state_dict(sd, mc, dms), dms, dtype=dtype, source="megatron state dict")
-
-
-def checkpoints_dir(path) -> Path:
-    """A dms-refit run dir or a megatron checkpoint dir -> the dir holding ``latest_checkpointed_iteration.txt``."""
-    path = Path(path)
-    if (path / "checkpoints" / TRACKER).is_file():
-        return path / "checkpoints"
-    return path
 
 
 def load_megatron(path, *, iteration: Optional[int] = None, require_dms: bool = False,

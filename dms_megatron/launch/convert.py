@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="megatron parameter dtype")
     imp.add_argument("--make-vocab-size-divisible-by", type=int, default=DEFAULT_DIVISIBLE_BY)
     exp = sub.add_parser("export", help="megatron checkpoint -> Hugging Face model directory")
-    exp.add_argument("--megatron-path", required=True, help="checkpoint directory (with latest_checkpointed_iteration)")
+    exp.add_argument("--megatron-path", required=True, help="checkpoint directory (with latest_checkpointed_iteration) or a dms-refit run "
+                                                          "directory (its checkpoints/)")
     exp.add_argument("--hf-path", required=True, help="output HF directory (must not exist or be empty)")
     exp.add_argument("--format", default="dms", choices=["dms", "plain"],
                      help="dms: official DMS config keys (+ adapter tensors); plain: stock transformers model")

@@ -34,17 +34,20 @@ class MemoryEstimate:
     optimizer: int
     teacher_params: int
     activations: int
-    eval_logits: int = 0  # the evaluation stage's last-stage logits buffers
+    logits: int = 0  # the last stage's logits / KL buffers of one micro batch
+    checkpoint: int = 0  # bytes one save writes per GPU (host memory staging copy with train.async_save)
 
     @property
     def total(self) -> int:
-        return self.student_params + self.grads + self.optimizer + self.teacher_params + self.activations
+        return (self.student_params + self.grads + self.optimizer + self.teacher_params + self.activations
+                + self.logits)
 
     @property
     def eval_peak(self) -> int:
-        """The evaluation stage (forward-only at the training layout): weights, grads and optimizer state stay
-        resident, the training activations are freed, the last stage holds the logits buffers."""
-        return self.total - self.activations + self.eval_logits
+        """An upper bound of the evaluation stage (forward-only at the training layout): weights, grads and optimizer
+        state stay resident, the training activations are freed, the last stage's logits buffers are those of the
+        train step less their gradient."""
+        return self.total - self.activations
 
 
 def layer_params(mc, dms) -> int:
@@ -59,7 +62,7 @@ def layer_params(mc, dms) -> int:
 
 def stage_params(mc, dms, tp: int, pp: int) -> int:
     """Parameters held by one GPU of the largest pipeline stage (tensor-parallel share; norms are replicated)."""
-    vocab = mc.padded_vocab_size * mc.hidden_size
+    vocab = mc.padded_vocab_size(tp) * mc.hidden_size
     layers = mc.num_layers // pp * layer_params(mc, dms) // tp
     first = layers + vocab // tp
     last = layers + mc.hidden_size + vocab // tp  # with pp > 1 a tied output layer is a copy on the last stage
@@ -87,12 +90,12 @@ def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4) -> int:
     return per_layer * (mc.num_layers // pp) * min(pp, num_micro)
 
 
-def eval_logits_bytes(cfg, tp: int, bytes_per: int) -> int:
-    """The evaluation stage's logits on the last pipeline stage: student and teacher [b, s, V / tp] in the parameter
-    dtype, plus the fp32 work of the vocabulary-parallel log-softmax / argmax (a copy, the log-probabilities and
-    their exp: 12 bytes per entry) for each."""
+def logits_bytes(cfg, tp: int, bytes_per: int) -> int:
+    """The last stage's loss buffers of one micro batch [s, b, V/tp]: student and teacher logits and the student
+    logits' gradient in the train precision, their fp32 log-softmax (two) and the per-element KL term (fp32)."""
     t = cfg.train
-    return 2 * t.micro_batch_size * t.seq_length * (cfg.model.padded_vocab_size // tp) * (bytes_per + 12)
+    n = t.seq_length * t.micro_batch_size * cfg.model.padded_vocab_size(tp) // tp
+    return n * (3 * bytes_per + 3 * 4)
 
 
 def precision_on_gpu(cfg) -> str:
@@ -112,7 +115,7 @@ def estimate(cfg, dp: int) -> MemoryEstimate:
     optim = (8 + (4 if pbytes == 2 else 0)) * trainable // (dp if cfg.train.distributed_optimizer else 1)
     return MemoryEstimate(student_params=pbytes * student, grads=4 * trainable, optimizer=optim,
                           teacher_params=pbytes * teacher, activations=activation_bytes(cfg, tp, pp, dp, pbytes),
-                          eval_logits=eval_logits_bytes(cfg, tp, pbytes))
+                          logits=logits_bytes(cfg, tp, pbytes), checkpoint=pbytes * student + optim)
 
 
 def rank_groups(tp: int, pp: int, dp: int) -> dict:
@@ -146,7 +149,7 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
         f"model: {mc.family} {mc.num_layers} layers (pp stage: {mc.num_layers // p.pp}), {mc.num_attention_heads} "
         f"heads / {mc.num_query_groups} KV heads (per tp rank: {mc.num_attention_heads // p.tp} / "
         f"{mc.num_query_groups // p.tp}), ffn {mc.ffn_hidden_size} (per tp rank {mc.ffn_hidden_size // p.tp}), "
-        f"padded vocab {mc.padded_vocab_size} (per tp rank {mc.padded_vocab_size // p.tp})",
+        f"padded vocab {mc.padded_vocab_size(p.tp)} (per tp rank {mc.padded_vocab_size(p.tp) // p.tp})",
         f"tp groups: {_fmt_groups(g['tp'])}",
         f"pp groups: {_fmt_groups(g['pp'])}",
         f"dp groups: {_fmt_groups(g['dp'])}",
@@ -165,18 +168,22 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
         f"  teacher copy   {_size(m.teacher_params)}",
         f"  activations    {_size(m.activations)}  (incl. K/V; seq {t.seq_length}, micro batch "
         f"{t.micro_batch_size}, dms.backend={cfg.dms.backend}, no recompute)",
+        f"  logits / KL    {_size(m.logits)}  (last stage: student + teacher logits [s, b, V/tp], their fp32 "
+        f"log-softmax, KL term, logits grad)",
         f"  total          {_size(m.total)}",
         f"evaluation stage (every train.eval_interval steps and the end-of-run report): at this layout (tp={p.tp} "
-        f"pp={p.pp} dp={dp}), forward-only through the same schedule, student and teacher; the last stage's "
-        f"logits buffers {_size(m.eval_logits).strip()} (2 x [{t.micro_batch_size}, {t.seq_length}, "
-        f"{mc.padded_vocab_size // p.tp}] + fp32 softmax work); peak {_size(m.eval_peak).strip()} (training "
-        f"activations freed)",
+        f"pp={p.pp} dp={dp}), forward-only through the same schedule, student and teacher; no training activations, "
+        f"the same logits buffers less their gradient: peak below {_size(m.eval_peak).strip()}",
+        f"  checkpoint save writes {_size(m.checkpoint).strip()} per GPU (student weights + optimizer state)"
+        + (", staged in host memory and written in the background (train.async_save)" if t.async_save else
+           ", synchronously: every rank waits for the slowest write (train.async_save=true writes in the "
+           "background)"),
     ]
-    fits = max(m.total, m.eval_peak) <= gpu_memory_gib * GIB
+    fits = m.total <= gpu_memory_gib * GIB  # the train step is the peak phase (eval_peak <= total)
     lines.append(f"fits a {gpu_memory_gib:g} GiB GPU" if fits else
-                 f"DOES NOT FIT a {gpu_memory_gib:g} GiB GPU ({max(m.total, m.eval_peak) / GIB:,.1f} GiB): lower "
-                 f"train.micro_batch_size or train.seq_length, raise parallel.tp / parallel.pp, or set "
-                 f"train.distributed_optimizer=true")
+                 f"DOES NOT FIT a {gpu_memory_gib:g} GiB GPU ({m.total / GIB:,.1f} GiB): lower "
+                 f"train.micro_batch_size or train.seq_length, raise parallel.tp / parallel.pp"
+                 f"{'' if t.distributed_optimizer else ', or set train.distributed_optimizer=true'}")
     return "\n".join(lines), fits
 
 

@@ -63,8 +63,6 @@ def validate_model_layout(model_cfg, tp: int, pp: int, world_size: Optional[int]
         (model_cfg.num_attention_heads, "model.num_attention_heads (query heads)", tp, "parallel.tp"),
         (model_cfg.num_query_groups, "model.num_query_groups (KV heads)", tp, "parallel.tp"),
         (model_cfg.ffn_hidden_size, "model.ffn_hidden_size", tp, "parallel.tp"),
-        (model_cfg.padded_vocab_size, "the padded vocabulary (model.vocab_size rounded up to "
-                                      "model.make_vocab_size_divisible_by)", tp, "parallel.tp"),
         (model_cfg.num_layers, "model.num_layers", pp, "parallel.pp"),
     ]
     if sequence_parallel and seq_length is not None:

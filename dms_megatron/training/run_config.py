@@ -19,7 +19,7 @@ CONFIG = "config.yaml"
 ALWAYS_FREE = ("parallel.", "logging.", "resume.")
 #: keys ``resume.allow_changes`` may name: they change how long / how often, not what is trained
 ALLOWABLE = ("train.steps", "train.save_interval", "train.eval_interval", "train.eval_batches",
-             "train.recall_eval_limit")
+             "train.recall_eval_limit", "train.async_save")
 
 
 def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from dms_megatron.checkpoint import latest_iteration, load_checkpoint, read_extra, save_checkpoint
+from dms_megatron.checkpoint import AsyncSaves, latest_iteration, load_checkpoint, read_extra, save_checkpoint
 from dms_megatron.config import ConfigError, RefitConfig
 from dms_megatron.convert.hf_io import iter_side_files, read_config
 from dms_megatron.convert.hf_model import is_hf_dir
@@ -86,6 +86,7 @@ class RefitTrainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.start = 0
         self._evaluated: Optional[tuple] = None  # (step, metrics) of the latest evaluate stage
+        self.async_saves = AsyncSaves() if cfg.train.async_save else None
 
     # ---- the whole run --------------------------------------------------------------------------------------
     def run(self, report: bool = True) -> dict:
@@ -98,6 +99,8 @@ class RefitTrainer:
         try:
             for step in range(self.start, self.cfg.train.steps):
                 metrics = self.train_step(step)
+                if self.async_saves is not None:  # a background save that finished becomes latest
+                    self.async_saves.finalize(blocking=False)
                 if self.cfg.train.eval_interval and (step + 1) % self.cfg.train.eval_interval == 0:
                     metrics.update(self.evaluate(step + 1))
                 self.logger.log(metrics)
@@ -106,6 +109,7 @@ class RefitTrainer:
                 if (step + 1) % self.cfg.train.save_interval == 0 or step + 1 == self.cfg.train.steps:
                     self.checkpoint(step + 1)
                 self._maybe_stop(step + 1, preempt)
+            self._finish_saves()
         finally:
             preempt.uninstall()
             self.logger.close()
@@ -324,13 +328,21 @@ class RefitTrainer:
                  "refit_config": self.cfg.to_dict(), "consumed_samples": step * self.cfg.train.global_batch_size}
         if self.hf_config is not None:
             extra["hf_config"] = self.hf_config
-        save_checkpoint(self.ckpt_dir, step, self.ddp, self.optimizer, self.scheduler, extra=extra)
+        save_checkpoint(self.ckpt_dir, step, self.ddp, self.optimizer, self.scheduler, extra=extra,
+                        async_saves=self.async_saves)
+
+    def _finish_saves(self) -> None:
+        """Wait for a background save and make it ``latest`` (before exit: nothing is left half-written)."""
+        if self.async_saves is not None:
+            self.async_saves.finalize(blocking=True)
 
     def _maybe_stop(self, step: int, preempt: PreemptionHandler) -> None:
         """Every rank agrees (all-reduce) whether any was signalled; then all checkpoint this step and stop."""
         if step < self.cfg.train.steps and preempt.requested():
+            self._finish_saves()
             if latest_iteration(self.ckpt_dir) != step:
                 self.checkpoint(step)
+                self._finish_saves()
             raise Preempted(step, self.ckpt_dir, preempt.received)
 
     def report(self) -> dict:
