@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 
 import torch
 from megatron.core.fusions import fused_softmax
@@ -291,6 +292,9 @@ def apply_cpu_compat() -> bool:
     _patch_float16_optimizer(optimizer.Float16OptimizerWithFloat16Params)
     _patch_float16_optimizer(distrib_optimizer.DistributedOptimizer)
     _patch_torch_norm_sequence_parallel()
+    # megatron's advice for sequence parallel on CUDA (CUDA_DEVICE_MAX_CONNECTIONS=1) means nothing without CUDA;
+    # every rank would print it.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*", category=UserWarning)
     _APPLIED = True
     return True
 
