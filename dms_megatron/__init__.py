@@ -10,5 +10,9 @@ __version__ = "0.1.0"
 for _msg in (r".*Transformer Engine and Apex are not installed.*", r".*Apex is not installed.*",
              r".*full scope is deprecated.*"):
     warnings.filterwarnings("ignore", message=_msg, category=UserWarning)
-for _msg in (r".*Please use DTensor instead.*", r".*`load_state_dict` is deprecated.*"):
+# torch 2.13 deprecates the collectives megatron-core calls for sequence parallelism and the distributed optimizer
+# (every rank would print it once: 16 copies at tp 8 x pp 2).
+for _msg in (r".*Please use DTensor instead.*", r".*`load_state_dict` is deprecated.*",
+             r".*`torch.distributed.all_gather_into_tensor` is deprecated.*",
+             r".*`torch.distributed.reduce_scatter_tensor` is deprecated.*"):
     warnings.filterwarnings("ignore", message=_msg, category=FutureWarning)

@@ -36,7 +36,7 @@ def hf_config(family: str, *, tied: bool = False, rope_llama3: bool = True, **ov
     if family == "qwen2":
         return Qwen2Config(**common, rope_theta=1000000.0)
     if family == "qwen3":
-        return Qwen3Config(**common, head_dim=QWEN3_HEAD_DIM, rope_theta=1000000.0)
+        return Qwen3Config(**{"head_dim": QWEN3_HEAD_DIM, "rope_theta": 1000000.0, **common})  # head_dim may be set
     raise ValueError(family)
 
 

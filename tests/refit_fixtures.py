@@ -13,17 +13,13 @@ VOCAB_TARGET = 300
 RECALL_LEN = 40
 
 
-def build_assets(root: Path, init_std: float = 0.02, **model) -> dict:
-    """Writes tokenizer/, data/{train,valid}.{bin,idx}, recall.jsonl and teacher/ under ``root``; ``model``
-    overrides the tiny teacher's shape."""
-    import torch
-
-    from dms_megatron.checkpoint import save_checkpoint
+def build_data_assets(root: Path, recall_items: int = 8) -> dict:
+    """Writes tokenizer/, data/{train,valid}.{bin,idx} and recall.jsonl under ``root`` (no model, no process group);
+    returns their paths and the tokenizer's size."""
     from dms_megatron.data.corpus import stdlib_texts
     from dms_megatron.data.indexed import write_indexed
     from dms_megatron.data.recall import RecallSpec, RecallTask, filler_from, write_items
     from dms_megatron.data.tokenizer import train_tokenizer
-    from dms_megatron.megatron.model import build_gpt_model
 
     texts = list(stdlib_texts(200_000, chunk_chars=1000))
     tok = train_tokenizer(texts, VOCAB_TARGET, root / "tokenizer")
@@ -34,18 +30,30 @@ def build_assets(root: Path, init_std: float = 0.02, **model) -> dict:
     (root / "data").mkdir(parents=True, exist_ok=True)
     write_indexed(root / "data" / "train", docs[:150], len(tok))
     write_indexed(root / "data" / "valid", docs[150:], len(tok))
-    write_items(root / "recall.jsonl", [task.item(rng, filler, RECALL_LEN) for _ in range(8)])
-    cfg = tiny_model_config(**dict(dict(vocab_size=len(tok), max_position_embeddings=SEQ, init_method_std=init_std),
-                                   **model))
+    write_items(root / "recall.jsonl", [task.item(rng, filler, RECALL_LEN) for _ in range(recall_items)])
+    return {"tokenizer": str(root / "tokenizer"), "train": str(root / "data" / "train"),
+            "valid": str(root / "data" / "valid"), "recall": str(root / "recall.jsonl"), "vocab": len(tok)}
+
+
+def build_assets(root: Path, init_std: float = 0.02, **model) -> dict:
+    """Writes tokenizer/, data/{train,valid}.{bin,idx}, recall.jsonl and teacher/ under ``root``; ``model``
+    overrides the tiny teacher's shape."""
+    import torch
+
+    from dms_megatron.checkpoint import save_checkpoint
+    from dms_megatron.megatron.model import build_gpt_model
+
+    data = build_data_assets(root)
+    cfg = tiny_model_config(**dict(dict(vocab_size=data["vocab"], max_position_embeddings=SEQ,
+                                        init_method_std=init_std), **model))
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)  # megatron draws initial weights from its own RNG stream: the same teacher
     teacher = build_gpt_model(cfg, None, seq_length=SEQ)  # whichever tests ran before
     save_checkpoint(root / "teacher", 0, teacher, extra={"model_config": asdict(cfg), "dms_config": None})
-    return {"model": asdict(cfg), "tokenizer": str(root / "tokenizer"), "train": str(root / "data" / "train"),
-            "valid": str(root / "data" / "valid"), "recall": str(root / "recall.jsonl"),
-            "teacher": str(root / "teacher")}
+    return {"model": asdict(cfg), "tokenizer": data["tokenizer"], "train": data["train"], "valid": data["valid"],
+            "recall": data["recall"], "teacher": str(root / "teacher")}
 
 
 _CACHE: dict = {}

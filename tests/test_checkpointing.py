@@ -4,7 +4,7 @@ checkpoints, stock-checkpoint -> DMS-adapter student initialisation, teacher san
 import pytest
 import torch
 
-from conftest import TINY_SEQ, tiny_model_config
+from conftest import TINY_SEQ, TINY_VOCAB, tiny_model_config
 
 MICRO_BATCH = 2
 SAVE_AT = 2
@@ -171,14 +171,23 @@ def test_teacher_sanity_check_rejects_empty_or_nonfinite_weights(megatron_single
     from dms_megatron.megatron.model import build_gpt_model
     from dms_megatron.training.weights import check_teacher
 
-    model = build_gpt_model(tiny_model_config(), None, seq_length=TINY_SEQ)
-    check_teacher(model)
+    mc = tiny_model_config(vocab_size=TINY_VOCAB - 5)  # padded: the last rows are padding
+    model = build_gpt_model(mc, None, seq_length=TINY_SEQ)
+    emb = model.embedding.word_embeddings
+    assert emb.weight.shape[0] > mc.vocab_size
+    check_teacher(model, mc.vocab_size)
     with torch.no_grad():
-        model.embedding.word_embeddings.weight.zero_()
+        emb.weight[:mc.vocab_size].zero_()  # the real rows empty, the padding rows not: still empty
     with pytest.raises(ConfigError, match="constant after loading"):
-        check_teacher(model)
+        check_teacher(model, mc.vocab_size)
+    # a tensor-parallel rank whose vocabulary shard is all padding (zeros) cannot tell: no error
+    emb.vocab_start_index = mc.vocab_size
     with torch.no_grad():
-        model.embedding.word_embeddings.weight.normal_()
+        emb.weight.zero_()
+    check_teacher(model, mc.vocab_size)
+    emb.vocab_start_index = 0
+    with torch.no_grad():
+        emb.weight.normal_()
         model.output_layer.weight[0, 0] = float("nan")
     with pytest.raises(ConfigError, match="output_layer.weight has NaN/inf"):
-        check_teacher(model)
+        check_teacher(model, mc.vocab_size)

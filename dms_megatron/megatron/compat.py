@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 
 import torch
 from megatron.core.fusions import fused_softmax
-from megatron.core.optimizer import clip_grads, optimizer
+from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.transformer import torch_norm
 from megatron.core.transformer import utils as mutils
@@ -227,12 +228,12 @@ def _patch_clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
-def _patch_float16_optimizer() -> None:
+def _patch_float16_optimizer(cls) -> None:
     # Error: TypeError "Wrapped parameters must be one of torch.cuda.FloatTensor, torch.cuda.HalfTensor, or
     # torch.cuda.BFloat16Tensor. Received torch.BFloat16Tensor" in Float16OptimizerWithFloat16Params.__init__ (the
-    # bf16 mixed-precision optimizer: fp32 main copies of bf16 parameters), which sorts parameters by their CUDA type
-    # name. Fix: while it sorts, a CPU tensor reports the CUDA name of its dtype (nothing else is CUDA-specific).
-    cls = optimizer.Float16OptimizerWithFloat16Params
+    # bf16 mixed-precision optimizer: fp32 main copies of bf16 parameters) and DistributedOptimizer.__init__ (the
+    # same, sharded; fp32 parameters too), which sort parameters by their CUDA type name. Fix: while they sort, a CPU
+    # tensor reports the CUDA name of its dtype (nothing else is CUDA-specific).
     original_init, original_type = cls.__init__, torch.Tensor.type
     names = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
              torch.bfloat16: "torch.cuda.BFloat16Tensor"}
@@ -288,8 +289,12 @@ def apply_cpu_compat() -> bool:
     _patch_pin_memory()
     _patch_default_causal_mask()
     _patch_clip_grads()
-    _patch_float16_optimizer()
+    _patch_float16_optimizer(optimizer.Float16OptimizerWithFloat16Params)
+    _patch_float16_optimizer(distrib_optimizer.DistributedOptimizer)
     _patch_torch_norm_sequence_parallel()
+    # megatron's advice for sequence parallel on CUDA (CUDA_DEVICE_MAX_CONNECTIONS=1) means nothing without CUDA;
+    # every rank would print it.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*", category=UserWarning)
     _APPLIED = True
     return True
 

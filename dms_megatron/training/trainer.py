@@ -149,7 +149,7 @@ class RefitTrainer:
         seq = cfg.train.seq_length
         teacher = build_gpt_model(mc, None, seq_length=seq, config=tcfg())
         load_init_weights(self.inputs.init, teacher, mc)
-        check_teacher(teacher)
+        check_teacher(teacher, mc.vocab_size)
         teacher.eval().requires_grad_(False)
         student = build_gpt_model(mc, cfg.dms, seq_length=seq, config=tcfg())
         load_init_weights(self.inputs.init, student, mc, allow_missing=("dms_alpha",))

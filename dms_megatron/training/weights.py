@@ -27,13 +27,18 @@ def load_init_weights(init: Path, model, model_cfg: ModelConfig, allow_missing: 
         raise ConfigError(f"cannot load the teacher {init}: {e}") from None
 
 
-def check_teacher(model) -> None:
-    """One-line ConfigError for NaN/inf or constant (empty) loaded weights."""
+def check_teacher(model, vocab_size: int) -> None:
+    """One-line ConfigError for NaN/inf or constant (empty) loaded weights. The emptiness check reads the rows of
+    real tokens in this rank's vocabulary shard (padding rows are zero; a tensor-parallel rank may hold only them)."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ConfigError(f"teacher weight {name} has NaN/inf values after loading")
-        if name.endswith("word_embeddings.weight") and float(p.detach().float().std()) == 0.0:
-            raise ConfigError(f"teacher weight {name} is constant after loading: the checkpoint looks empty")
+    for name, m in model.named_modules():
+        if name.endswith("word_embeddings"):
+            real = m.weight[:max(0, vocab_size - m.vocab_start_index)].detach().float()
+            if real.numel() > 1 and float(real.std()) == 0.0:
+                raise ConfigError(f"teacher weight {name}.weight is constant after loading: the checkpoint looks "
+                                  f"empty")
 
 
 __all__ = ["load_init_weights", "check_teacher"]
