@@ -75,19 +75,87 @@ def test_preprocess_errors(tok, tmp_path, case, needle):
 
 
 def test_gpt_dataset_masks_eos_predictions(tmp_path):
+    from dms_megatron.config import DataBlend
     from dms_megatron.data.indexed import build_gpt_datasets, write_indexed
 
     eos, pad = 0, 1
     docs = [[5, 6, 7, eos], [8, 9, eos], [10, 11, 12, 13, eos]] * 20
     write_indexed(tmp_path / "t", docs, 32)
     write_indexed(tmp_path / "v", docs, 32)
-    train, _ = build_gpt_datasets(tmp_path / "t", tmp_path / "v", 8, 0, 10, 2, eos, pad, 32)
+    train, _ = build_gpt_datasets(DataBlend.per_split(tmp_path / "t", tmp_path / "v"), 8, 0, 10, 2, eos, pad, 32)
     for i in range(5):
         it = train[i]
         toks, labels, mask = it["tokens"].tolist(), it["labels"].tolist(), it["loss_mask"].tolist()
         assert labels[:-1] == toks[1:]  # next-token labels of one packed window
         for t, m in zip(toks, mask):  # predictions made from EOS are excluded, all others kept
             assert m == (0.0 if t == eos else 1.0)
+
+
+def _two_datasets(tmp_path, eos=0):
+    """Dataset A holds only token 5, dataset B only token 7 (plus EOS): a sample says where it was drawn from."""
+    from dms_megatron.data.indexed import write_indexed
+
+    write_indexed(tmp_path / "A", [[5] * 11 + [eos]] * 400, 32)
+    write_indexed(tmp_path / "B", [[7] * 11 + [eos]] * 400, 32)
+    return str(tmp_path / "A"), str(tmp_path / "B")
+
+
+def _share_of_a(ds, n):
+    from_a = 0
+    for i in range(n):
+        toks = set(ds[i]["tokens"].tolist()) - {0}
+        assert toks in ({5}, {7})  # each sample comes from one dataset
+        from_a += toks == {5}
+    return from_a / n
+
+
+@pytest.mark.parametrize("how", ["per_split", "split"])
+def test_weighted_blend_samples_in_proportion_to_its_weights(tmp_path, how, megatron_single):
+    from dms_megatron.config import DataConfig
+    from dms_megatron.data.indexed import build_gpt_datasets
+
+    a, b = _two_datasets(tmp_path)
+    if how == "per_split":
+        data = DataConfig(train_blend=[0.3, a, 0.7, b], valid_blend=f"1 {a} 3 {b}", tokenizer="t").data_blend()
+    else:  # Megatron-LM's --data-path "0.3 A 0.7 B" --split 98,2,0
+        data = DataConfig(blend=f"0.3 {a} 0.7 {b}", split=[98, 2, 0], tokenizer="t").data_blend()
+    n = 400
+    train, valid = build_gpt_datasets(data, 8, 0, n, 40, 0, 1, 32, cache_dir=str(tmp_path / "cache"))
+    assert abs(_share_of_a(train, n) - 0.3) < 0.03
+    if how == "per_split":
+        assert abs(_share_of_a(valid, 40) - 0.25) < 0.05
+
+
+def test_blend_of_prefixes_without_weights_samples_by_size(tmp_path, megatron_single):
+    """Megatron-LM's unweighted list: each dataset in proportion to its size (A holds 3x B's tokens)."""
+    from dms_megatron.config import DataConfig
+    from dms_megatron.data.indexed import build_gpt_datasets, write_indexed
+
+    write_indexed(tmp_path / "A", [[5] * 11 + [0]] * 300, 32)
+    write_indexed(tmp_path / "B", [[7] * 11 + [0]] * 100, 32)
+    data = DataConfig(train_blend=[str(tmp_path / "A"), str(tmp_path / "B")], valid_prefix=str(tmp_path / "B"),
+                      tokenizer="t").data_blend()
+    train, _ = build_gpt_datasets(data, 8, 0, 200, 4, 0, 1, 32, cache_dir=str(tmp_path / "cache"))
+    assert abs(_share_of_a(train, 200) - 0.75) < 0.05
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(blend="0.3 A 0.7"), "has 3 entries"),
+    (dict(blend=[0.3, "A", -0.7, "B"]), "weight -0.7 (of B) must be a positive number"),
+    (dict(blend="0 A 1 B"), "weight '0' (of A) must be a positive number"),
+    (dict(blend="A 0.5 B"), "'0.5' is a number among prefixes"),
+    (dict(blend="1 A", split="100,0,0"), "needs a train and a valid part"),
+    (dict(train_prefix="0.3 A 0.7 B", valid_prefix="V"), "a blend goes into data.train_blend"),
+    (dict(train_blend="A"), "data.valid_blend (or data.valid_prefix) is missing"),
+    (dict(blend="A", train_prefix="B"), "both given"),
+    (dict(split="98,2,0", train_prefix="A", valid_prefix="B"), "data.split divides data.blend"),
+])
+def test_bad_blends_are_one_line_config_errors(kw, needle):
+    from dms_megatron.config import ConfigError, DataConfig
+
+    with pytest.raises(ConfigError) as e:
+        DataConfig(tokenizer="t", **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def _parse(task, toks):

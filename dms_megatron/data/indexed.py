@@ -12,6 +12,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from dms_megatron.config.blend import DataBlend
 from dms_megatron.data.tokenizer import MegatronTokenizerAdapter
 
 
@@ -57,29 +58,36 @@ def _max_token_id(prefix: str, size: int, mtime_ns: int) -> int:
     return max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=0)
 
 
-def build_gpt_datasets(train_prefix, valid_prefix, seq_length: int, seed: int, num_train_samples: int,
+def build_gpt_datasets(data: DataBlend, seq_length: int, seed: int, num_train_samples: int,
                        num_valid_samples: int, eos_id: int, pad_id: int, vocab_size: int,
                        cache_dir: Optional[str] = None):
-    """megatron-core GPTDatasets (train, valid) packing documents into ``seq_length`` windows.
+    """megatron-core GPTDatasets (train, valid) packing documents into ``seq_length`` windows, built by its
+    ``BlendedMegatronDatasetBuilder`` from ``data``: one weighted blend divided by its split, or a blend per split
+    (a blend of several datasets draws each sample from a dataset in proportion to the weights).
 
     Items are dicts with tokens, labels, loss_mask (0 on padding and on predictions made from EOS),
-    position_ids. ``cache_dir`` holds megatron's index caches (default: beside the data).
+    position_ids. ``cache_dir`` holds megatron's index caches (default: beside the first dataset).
     """
-    train_prefix, valid_prefix = check_prefix(train_prefix, "train prefix"), check_prefix(valid_prefix, "valid prefix")
+    prefixes = [check_prefix(p, "data prefix") for p in data.prefixes()]
+    if data.blend is not None:
+        where = dict(blend=data.blend, split=data.split)
+    else:
+        where = dict(blend_per_split=[data.train, data.valid, None])
     cfg = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend_per_split=[([train_prefix], None), ([valid_prefix], None), None],
         tokenizer=MegatronTokenizerAdapter(eos_id, pad_id, vocab_size),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=True,
         create_attention_mask=False,
-        path_to_cache=cache_dir or str(Path(train_prefix).parent / "index-cache"),
+        path_to_cache=cache_dir or str(Path(prefixes[0]).parent / "index-cache"),
         mmap_bin_files=True,
+        **where,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_train_samples, num_valid_samples, None], lambda: True, cfg
+        GPTDataset, [num_train_samples, num_valid_samples, num_valid_samples if data.blend else None], lambda: True,
+        cfg
     ).build()
     return train, valid
 
