@@ -2,8 +2,8 @@
 the configs recorded with each checkpoint."""
 
 from dms_megatron.checkpoint.store import (TRACKER, CheckpointError, iter_dir, latest_iteration, load_checkpoint,
-                                           load_model_weights, read_checkpoint_configs, read_extra,
+                                           load_model_weights, read_checkpoint_configs, read_common, read_extra,
                                            resolve_checkpoint, save_checkpoint)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "latest_iteration", "resolve_checkpoint",
-           "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir", "TRACKER"]
+           "read_common", "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir", "TRACKER"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dms_megatron.checkpoint import CheckpointError, read_checkpoint_configs
+from dms_megatron.checkpoint import CheckpointError
+from dms_megatron.checkpoint.megatron_lm import checkpoint_configs
 from dms_megatron.config import ConfigError, DataBlend, ModelConfig, RefitConfig, check_same_arch
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model
@@ -98,13 +99,19 @@ def _field_of(cfg: RefitConfig, prefix: str) -> str:
     return "data prefix"
 
 
-def init_model_config(init: Path) -> ModelConfig:
-    """The architecture recorded with a teacher: a HF dir's config.json or a megatron checkpoint's extra state."""
+def init_model_config(init: Path, like: ModelConfig) -> ModelConfig:
+    """The architecture recorded with a teacher (a HF dir's config.json, this project's checkpoint's extra state, or
+    a Megatron-LM checkpoint's args), checked against the run's model config ``like``."""
     if not Path(init).exists():
         raise ConfigError(f"train.init_checkpoint {init} does not exist")
     if is_hf_dir(init):
-        return read_hf_model(init)[1]
-    return read_checkpoint_configs(init)[0]
+        mc = read_hf_model(init)[1]
+    else:
+        mc, _, extra = checkpoint_configs(init, like=like)
+        if extra.get("megatron_lm"):
+            return mc  # compared field by field, padded vocabulary included
+    check_same_arch(like, mc, f"the teacher {init}")
+    return mc
 
 
 __all__ = ["RunInputs", "init_model_config"]
