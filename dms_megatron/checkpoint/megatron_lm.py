@@ -5,8 +5,9 @@ Megatron-LM's ``save_checkpoint`` writes ``<save>/iter_NNNNNNN/`` with megatron-
 dict, "optimizer", "opt_param_scheduler", "rng_state", ...}`` and ``<save>/latest_checkpointed_iteration.txt``. The
 tensors carry the GPT model's global keys (``decoder.layers.self_attention.linear_qkv.weight``, ...), the same as this
 project's checkpoints, so a strict resharding load reads them at any tp x pp; the architecture comes from ``args``
-(this project's checkpoints record it as ``extra['model_config']`` instead). The local and the Transformer Engine
-layer specs name the two pre-norms differently: ``megatron.sharding.spec_alias`` maps one onto the other.
+(this project's checkpoints record it as ``extra['model_config']`` instead). Both layer specs (local, Transformer
+Engine) save the pre-norms under the TE names; older megatron-core saved the local spec's under its module names
+(``input_layernorm.weight``), which ``megatron.sharding.spec_alias`` maps.
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def load_model_weights(load_dir, model, iteration: Optional[int] = None, allow_m
         key = getattr(sharded[name], "key", None)
         if key in in_ckpt:
             continue
-        if is_tensor and spec_alias(key) in in_ckpt:  # saved by the other layer spec (local <-> TE names)
+        if is_tensor and spec_alias(key) in in_ckpt:  # pre-norms saved under their local names (older megatron-core)
             sharded[name] = dataclasses.replace(sharded[name], key=spec_alias(key))
             continue
         if any(a in name for a in allow_missing):

@@ -1,0 +1,91 @@
+"""Megatron-LM checkpoints (see ``mlm_fixtures``: written the way Megatron-LM writes one) as a re-fit's starting
+point: detected by their common state, the architecture read from ``args`` and checked against the run's model
+config, and the weights loaded into the teacher and the DMS student at another layout than they were saved at, with
+today's or older megatron-core's layer names."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import mlm_fixtures
+from conftest import tiny_model_config
+from spawn_util import spawn_and_collect
+
+# vocabulary 128 pads to 128 rows both at tp 1 (a multiple of 32) and as Megatron-LM pads it at tp 2 (of 64)
+MC = asdict(tiny_model_config(vocab_size=128, max_position_embeddings=64))
+
+
+def _check_loads(save, reference):
+    from dms_megatron.checkpoint.megatron_lm import megatron_lm_args, model_config_from_args
+    from dms_megatron.config import DMSConfig, ModelConfig
+    from dms_megatron.megatron.model import build_gpt_model
+    from dms_megatron.training.inputs import init_model_config
+    from dms_megatron.training.weights import load_init_weights
+
+    like = ModelConfig(**MC)
+    assert megatron_lm_args(save) is not None
+    mc = init_model_config(save, like)
+    assert mc == like  # every field read back from Megatron-LM's args
+    assert model_config_from_args(megatron_lm_args(save)).family == "llama"
+    teacher = build_gpt_model(mc, None, seq_length=64)
+    load_init_weights(save, teacher, mc)
+    got = dict(teacher.named_parameters())
+    assert got.keys() == reference.keys()
+    for name, w in reference.items():
+        assert torch.equal(got[name].detach(), w), name
+    student = build_gpt_model(mc, DMSConfig(alpha_source="adapter"), seq_length=64)
+    load_init_weights(save, student, mc, allow_missing=("dms_alpha",))
+    for name, p in student.named_parameters():
+        if "dms_alpha" not in name:
+            assert torch.equal(p.detach(), reference[name]), name
+
+
+def test_megatron_lm_checkpoint_with_legacy_local_norm_names_loads_into_teacher_and_student(tmp_path, megatron_single):
+    from dms_megatron.megatron.distributed import init_process_groups
+
+    try:
+        mlm_fixtures.write(str(tmp_path / "mlm"), MC, 1, 1, True, str(tmp_path / "dump"))
+    finally:
+        init_process_groups(1, 1, seed=1234)  # the session's groups as other tests expect them
+    _check_loads(tmp_path / "mlm", mlm_fixtures.merged(str(tmp_path / "dump"), 1))
+
+
+@pytest.mark.parallel
+def test_megatron_lm_checkpoint_saved_at_tp2_loads_at_one_rank(tmp_path, megatron_single):
+    target = functools.partial(mlm_fixtures.spawned_rank, save=str(tmp_path / "mlm"), mc=MC, tp=2, pp=1,
+                               legacy_names=False, dump=str(tmp_path / "dump"))
+    spawn_and_collect(target, 2, timeout=300)
+    _check_loads(tmp_path / "mlm", mlm_fixtures.merged(str(tmp_path / "dump"), 2))
+
+
+def test_megatron_lm_args_that_differ_from_the_config_are_named_in_one_line(tmp_path):
+    from dms_megatron.checkpoint.megatron_lm import model_config_from_args
+    from dms_megatron.config import ConfigError, ModelConfig
+
+    args = mlm_fixtures.megatron_lm_args(MC, 2, 1, False)
+    like = ModelConfig(**dict(MC, num_layers=3, hidden_size=96, kv_channels=None, tie_embeddings=True))
+    with pytest.raises(ConfigError) as e:
+        model_config_from_args(args, like)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in ("num_layers: config 3 vs checkpoint 2", "hidden_size: config 96 vs checkpoint 64",
+                   "kv_channels: config 24 vs checkpoint 16", "tie_embeddings: config True vs checkpoint False"):
+        assert needle in msg, msg
+    args.normalization, args.swiglu = "LayerNorm", False
+    with pytest.raises(ConfigError, match="normalization: checkpoint LayerNorm .*swiglu: checkpoint False"):
+        model_config_from_args(args, ModelConfig(**MC))
+
+
+def test_megatron_lm_padded_vocabulary_that_differs_is_one_line_naming_both_sizes():
+    from dms_megatron.checkpoint.megatron_lm import model_config_from_args
+    from dms_megatron.config import ConfigError, ModelConfig
+
+    mc = dict(MC, vocab_size=100, make_vocab_size_divisible_by=64)
+    args = mlm_fixtures.megatron_lm_args(mc, 4, 1, False)  # Megatron-LM at tp 4: a multiple of 64 x 4, 256 rows
+    with pytest.raises(ConfigError) as e:
+        model_config_from_args(args, ModelConfig(**mc))  # here: a multiple of 64, 128 rows
+    assert "checkpoint 256 rows" in str(e.value) and "vs 128 rows here" in str(e.value), str(e.value)
