@@ -54,6 +54,91 @@ def test_preprocess_jsonl_reads_back_the_same_ids(tok, tmp_path):
         assert ds[i].tolist() == ref(d, add_special_tokens=False)["input_ids"] + [ref.eos_token_id]
 
 
+def _expected_idx(lengths, dtype_code=8, itemsize=2):
+    """Megatron's .idx layout written out by hand: header, version 1, dtype code (8 = uint16), sequence and document
+    counts, int32 sequence lengths, int64 byte offsets, int64 document boundaries (one sequence per document)."""
+    import struct
+
+    offsets = [sum(lengths[:i]) * itemsize for i in range(len(lengths))]
+    return (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", dtype_code)
+            + struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(lengths) + 1)
+            + struct.pack(f"<{len(lengths)}i", *lengths) + struct.pack(f"<{len(lengths)}q", *offsets)
+            + struct.pack(f"<{len(lengths) + 1}q", *range(len(lengths) + 1)))
+
+
+def test_preprocess_writes_megatron_lm_bytes_and_two_workers_write_the_same(tok, tmp_path):
+    """The layout Megatron-LM's tools/preprocess_data.py writes (HuggingFaceTokenizer, --append-eod), byte for byte;
+    --workers 2 tokenizes in two processes and writes the same bytes, in input order."""
+    import struct
+
+    from transformers import AutoTokenizer
+
+    docs = [f"def f{i}(x):\n    return x * {i}  # {'ü' * (i % 7)}\n" * (1 + i % 5) for i in range(300)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ref = AutoTokenizer.from_pretrained(str(tok))
+    ids = [ref(d, add_special_tokens=False)["input_ids"] + [ref.eos_token_id] for d in docs]
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}" / "d"
+        r = _cli("--input", src, "--tokenizer", tok, "--output-prefix", out, "--workers", workers, "--append-eod",
+                 "--log-interval", 100)
+        assert r.returncode == 0, r.stderr
+        assert "processed 300 documents" in r.stdout and "left" in r.stdout
+        flat = [t for doc in ids for t in doc]
+        assert (tmp_path / f"w{workers}" / "d.bin").read_bytes() == struct.pack(f"<{len(flat)}H", *flat)
+        assert (tmp_path / f"w{workers}" / "d.idx").read_bytes() == _expected_idx([len(d) for d in ids])
+
+
+def _run_main(*args):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_data_cli", ROOT / "tools" / "preprocess_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main([str(a) for a in args])
+
+
+def test_preprocess_chat_template_renders_messages_with_the_tokenizers_template(tok, tmp_path):
+    import shutil
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    chat_tok = tmp_path / "chat-tok"
+    shutil.copytree(tok, chat_tok)
+    t = AutoTokenizer.from_pretrained(str(chat_tok))
+    t.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    t.save_pretrained(str(chat_tok))
+    chats = [[{"role": "user", "content": f"what is {i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}]
+             for i in range(5)]
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    assert _run_main("--input", src, "--chat-template", "--tokenizer", chat_tok, "--output-prefix",
+                     tmp_path / "sft") == 0
+    ds = IndexedDataset(str(tmp_path / "sft"))
+    for i, c in enumerate(chats):  # the template rendered by hand, tokenized as plain text
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in c)
+        assert ds[i].tolist() == t(text, add_special_tokens=False)["input_ids"] + [t.eos_token_id]
+    assert _run_main("--input", src, "--chat-template", "--tokenizer", tok, "--output-prefix", tmp_path / "x") == 2
+
+
+def test_preprocess_parquet_columns_one_dataset_per_key(tok, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    rows = {"text": [f"body {i}" for i in range(7)], "title": [f"title {i}" for i in range(7)]}
+    pq.write_table(pa.table(rows), tmp_path / "in.parquet")
+    assert _run_main("--input", tmp_path / "in.parquet", "--json-keys", "text", "title", "--tokenizer", tok,
+                     "--output-prefix", tmp_path / "p", "--no-append-eod") == 0
+    ref = AutoTokenizer.from_pretrained(str(tok))
+    for key in ("text", "title"):  # Megatron-LM's naming: PREFIX_<key>_document
+        ds = IndexedDataset(str(tmp_path / f"p_{key}_document"))
+        assert [ds[i].tolist() for i in range(len(ds))] == [ref(x, add_special_tokens=False)["input_ids"]
+                                                           for x in rows[key]]
+
+
 @pytest.mark.parametrize("case,needle", [
     ("missing", "does not exist"),
     ("badjson", "invalid JSON"),

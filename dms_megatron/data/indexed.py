@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -16,21 +17,47 @@ from dms_megatron.config.blend import DataBlend
 from dms_megatron.data.tokenizer import MegatronTokenizerAdapter
 
 
+class IndexedWriter:
+    """Documents (token-id lists) into ``prefix.bin`` / ``prefix.idx``, Megatron's indexed format (uint16 ids below a
+    vocabulary of 65,500, int32 above, as Megatron-LM picks), written under temporary names that ``finalize`` renames
+    into place: a failed run leaves no half-written dataset (``discard`` removes its parts)."""
+
+    def __init__(self, prefix: str | Path, vocab_size: int):
+        self.prefix = str(prefix)
+        self._tmp = f"{self.prefix}.tmp-{os.getpid()}"
+        self._builder = IndexedDatasetBuilder(self._tmp + ".bin", dtype=np.uint16 if vocab_size < 65500 else np.int32)
+        self.documents = 0
+
+    def add(self, doc: Sequence[int]) -> None:
+        if len(doc):
+            self._builder.add_document(doc, [len(doc)])
+            self.documents += 1
+
+    def finalize(self) -> int:
+        if self.documents == 0:
+            self.discard()
+            raise ValueError(f"no non-empty documents were written to {self.prefix}.bin")
+        self._builder.finalize(self._tmp + ".idx")
+        for ext in (".bin", ".idx"):
+            os.replace(self._tmp + ext, self.prefix + ext)
+        return self.documents
+
+    def discard(self) -> None:
+        self._builder.data_file.close()
+        for ext in (".bin", ".idx"):
+            Path(self._tmp + ext).unlink(missing_ok=True)
+
+
 def write_indexed(prefix: str | Path, documents: Iterable[Sequence[int]], vocab_size: int) -> int:
     """Write token-id documents to ``prefix.bin`` / ``prefix.idx``; returns the number of documents."""
-    prefix = str(prefix)
-    dtype = np.uint16 if vocab_size < 65500 else np.int32
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    n = 0
-    for doc in documents:
-        if len(doc) == 0:
-            continue
-        builder.add_document(torch.tensor(list(doc), dtype=torch.long), [len(doc)])
-        n += 1
-    builder.finalize(prefix + ".idx")
-    if n == 0:
-        raise ValueError(f"no non-empty documents were written to {prefix}.bin")
-    return n
+    w = IndexedWriter(prefix, vocab_size)
+    try:
+        for doc in documents:
+            w.add(list(doc))
+    except BaseException:
+        w.discard()
+        raise
+    return w.finalize()
 
 
 def check_prefix(prefix: str | Path, what: str = "data prefix") -> str:
