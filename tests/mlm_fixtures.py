@@ -103,3 +103,31 @@ def merged(dump: str, world: int) -> dict:
         else:
             out[name] = torch.cat(parts, dim=dim)
     return out
+
+
+def walkthrough_inputs(root: Path, assets: dict) -> dict:
+    """What a Megatron-LM user brings (README "Your own model"): a Megatron-LM checkpoint of the tiny test model
+    (its ``--save`` dir) and two JSONL corpora; the data is built by the walk-through's own preprocessing command."""
+    import json
+
+    from dms_megatron.data.corpus import stdlib_texts
+
+    write(str(root / "mlm-save"), assets["model"], 1, 1, False, str(root / "mlm-dump"))
+    texts = list(stdlib_texts(120_000, chunk_chars=1000))
+    for name, part in (("a", texts[0::2]), ("b", texts[1::2])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    return {"ckpt": str(root / "mlm-save"), "a": str(root / "a.jsonl"), "b": str(root / "b.jsonl"),
+            "data": str(root / "data")}
+
+
+def walkthrough_overrides(assets: dict, w: dict, steps: int = 2) -> list:
+    """The walk-through's re-fit overrides for the tiny model (a real model names its preset: model=qwen3-8b)."""
+    model = [f"model.{k}={v}" for k, v in assets["model"].items() if v is not None]
+    return model + [
+        "embedded=false", f"train.init_checkpoint={w['ckpt']}",
+        f"data.blend=[0.3,{w['data']}/a,0.7,{w['data']}/b]", "data.split=[90,10,0]",
+        f"data.tokenizer={assets['tokenizer']}", f"data.recall_eval={assets['recall']}", f"train.steps={steps}",
+        "train.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_batches=1",
+        "train.save_interval=100", "train.recall_eval_limit=2", "train.warmup_steps=1", "logging.wandb=false",
+        "logging.progress=false", "dms.window=4", "dms.final_step=2", "dms.final_cr=2",
+    ]

@@ -89,3 +89,54 @@ def test_megatron_lm_padded_vocabulary_that_differs_is_one_line_naming_both_size
     with pytest.raises(ConfigError) as e:
         model_config_from_args(args, ModelConfig(**mc))  # here: a multiple of 64, 128 rows
     assert "checkpoint 256 rows" in str(e.value) and "vs 128 rows here" in str(e.value), str(e.value)
+
+
+def _cmd(*args, timeout=600):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, WANDB_MODE="disabled")
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, *map(str, args)], env=env, cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_walkthrough_for_a_megatron_lm_user(tmp_path, tmp_path_factory, megatron_single):
+    """Every command of the README's "Your own model and data" walk-through, on the tiny test model: preprocess the
+    corpora (2 workers), dms-dryrun, the batch host's pre-flight (what slurm/refit.sbatch runs first), the re-fit
+    from the Megatron-LM checkpoint on the weighted blend, export of the re-fit and of the Megatron-LM checkpoint."""
+    import json
+
+    from refit_fixtures import shared_assets
+    from safetensors.torch import load_file
+
+    from dms_megatron.megatron.distributed import init_process_groups
+
+    assets = shared_assets(tmp_path_factory)
+    try:
+        w = mlm_fixtures.walkthrough_inputs(tmp_path, assets)
+    finally:
+        init_process_groups(1, 1, seed=1234)
+    for name in ("a", "b"):
+        r = _cmd("tools/preprocess_data.py", "--input", w[name], "--tokenizer", assets["tokenizer"],
+                 "--output-prefix", f"{w['data']}/{name}", "--workers", 2, "--append-eod")
+        assert r.returncode == 0, r.stderr[-2000:]
+    over = mlm_fixtures.walkthrough_overrides(assets, w)
+    r = _cmd("-m", "dms_megatron.launch.dry_run", *over)
+    assert r.returncode == 0 and "tp=1 pp=1 dp=1" in r.stdout, r.stderr[-2000:]
+    run = tmp_path / "run"
+    r = _cmd("-m", "dms_megatron.launch.refit", "--prepare-only", *over, f"hydra.run.dir={run}")
+    assert r.returncode == 0 and (run / "config.yaml").is_file(), r.stderr[-2000:]
+    r = _cmd("-m", "dms_megatron.launch.refit", *over, f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "report.json").read_text())["steps"] == 2
+    for src, out in ((run / "checkpoints", tmp_path / "hf-dms"), (w["ckpt"], tmp_path / "hf-from-mlm")):
+        r = _cmd("-m", "dms_megatron.launch.convert", "export", "--megatron-path", src, "--hf-path", out,
+                 "--format", "plain")
+        assert r.returncode == 0, r.stderr[-2000:]
+    exported = load_file(str(tmp_path / "hf-from-mlm" / "model.safetensors"))
+    written = mlm_fixtures.merged(str(tmp_path / "mlm-dump"), 1)
+    assert torch.equal(exported["model.layers.1.mlp.down_proj.weight"],
+                       written["decoder.layers.1.mlp.linear_fc2.weight"])
