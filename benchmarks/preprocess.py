@@ -43,6 +43,7 @@ def _corpus(path: Path, mb: float) -> None:
 
 
 def _run(src: Path, out: Path, workers) -> float:
+    """Wall seconds of one command (start-up, reading, tokenizing, writing)."""
     cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py") if workers != "baseline" else BASELINE,
            "--input", str(src), "--tokenizer", str(TEACHER_DIR), "--output-prefix", str(out)]
     if workers != "baseline":

@@ -80,9 +80,10 @@ def iter_records(paths, keys: List[str]) -> Iterator[Tuple[int, list]]:
             yield path.stat().st_size, [path.read_text(encoding="utf-8", errors="replace")]
 
 
-def _init_worker(tokenizer: str, chat: bool, append_eod: bool) -> None:
+def _init_worker(tokenizer: str, chat: bool, append_eod: bool, pooled: bool = True) -> None:
     global _TOK
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, one core: the workers are the parallelism
+    if pooled:  # the workers are the parallelism: no tokenizer threads on top (one process alone keeps them)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK = (load_tokenizer(tokenizer), chat, append_eod)
 
 
@@ -118,11 +119,11 @@ def tokenize(args, keys: List[str], writers: List[IndexedWriter]) -> Tuple[int, 
     batches = _batches(iter_records(args.input, keys), sizes)
     init = (args.tokenizer, args.chat_template, args.append_eod)
     if args.workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, init)
+        pool = multiprocessing.get_context("fork").Pool(args.workers, _init_worker, init)  # no re-imports
         results = pool.imap(encode, batches)
     else:
         pool = None
-        _init_worker(*init)
+        _init_worker(*init, pooled=False)
         results = map(encode, batches)
     docs = tokens = 0
     start, next_log = time.monotonic(), args.log_interval
@@ -141,6 +142,7 @@ def tokenize(args, keys: List[str], writers: List[IndexedWriter]) -> Tuple[int, 
     finally:
         if pool is not None:
             pool.terminate()
+    args.elapsed = time.monotonic() - start
     return docs, tokens
 
 
@@ -192,7 +194,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    say(f"wrote {docs} documents ({tokens:,} tokens) to {', '.join(f'{o}.bin / {o}.idx' for o in outs)}")
+    say(f"wrote {docs} documents ({tokens:,} tokens, {tokens / max(args.elapsed, 1e-9):,.0f} tokens/s) to "
+        f"{', '.join(f'{o}.bin / {o}.idx' for o in outs)}")
     return 0
 
 
