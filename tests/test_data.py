@@ -54,6 +54,91 @@ def test_preprocess_jsonl_reads_back_the_same_ids(tok, tmp_path):
         assert ds[i].tolist() == ref(d, add_special_tokens=False)["input_ids"] + [ref.eos_token_id]
 
 
+def _expected_idx(lengths, dtype_code=8, itemsize=2):
+    """Megatron's .idx layout written out by hand: header, version 1, dtype code (8 = uint16), sequence and document
+    counts, int32 sequence lengths, int64 byte offsets, int64 document boundaries (one sequence per document)."""
+    import struct
+
+    offsets = [sum(lengths[:i]) * itemsize for i in range(len(lengths))]
+    return (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", dtype_code)
+            + struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(lengths) + 1)
+            + struct.pack(f"<{len(lengths)}i", *lengths) + struct.pack(f"<{len(lengths)}q", *offsets)
+            + struct.pack(f"<{len(lengths) + 1}q", *range(len(lengths) + 1)))
+
+
+def test_preprocess_writes_megatron_lm_bytes_and_two_workers_write_the_same(tok, tmp_path):
+    """The layout Megatron-LM's tools/preprocess_data.py writes (HuggingFaceTokenizer, --append-eod), byte for byte;
+    --workers 2 tokenizes in two processes and writes the same bytes, in input order."""
+    import struct
+
+    from transformers import AutoTokenizer
+
+    docs = [f"def f{i}(x):\n    return x * {i}  # {'ü' * (i % 7)}\n" * (1 + i % 5) for i in range(300)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ref = AutoTokenizer.from_pretrained(str(tok))
+    ids = [ref(d, add_special_tokens=False)["input_ids"] + [ref.eos_token_id] for d in docs]
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}" / "d"
+        r = _cli("--input", src, "--tokenizer", tok, "--output-prefix", out, "--workers", workers, "--append-eod",
+                 "--log-interval", 100)
+        assert r.returncode == 0, r.stderr
+        assert "processed 300 documents" in r.stdout and "left" in r.stdout
+        flat = [t for doc in ids for t in doc]
+        assert (tmp_path / f"w{workers}" / "d.bin").read_bytes() == struct.pack(f"<{len(flat)}H", *flat)
+        assert (tmp_path / f"w{workers}" / "d.idx").read_bytes() == _expected_idx([len(d) for d in ids])
+
+
+def _run_main(*args):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_data_cli", ROOT / "tools" / "preprocess_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main([str(a) for a in args])
+
+
+def test_preprocess_chat_template_renders_messages_with_the_tokenizers_template(tok, tmp_path):
+    import shutil
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    chat_tok = tmp_path / "chat-tok"
+    shutil.copytree(tok, chat_tok)
+    t = AutoTokenizer.from_pretrained(str(chat_tok))
+    t.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    t.save_pretrained(str(chat_tok))
+    chats = [[{"role": "user", "content": f"what is {i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}]
+             for i in range(5)]
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    assert _run_main("--input", src, "--chat-template", "--tokenizer", chat_tok, "--output-prefix",
+                     tmp_path / "sft") == 0
+    ds = IndexedDataset(str(tmp_path / "sft"))
+    for i, c in enumerate(chats):  # the template rendered by hand, tokenized as plain text
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in c)
+        assert ds[i].tolist() == t(text, add_special_tokens=False)["input_ids"] + [t.eos_token_id]
+    assert _run_main("--input", src, "--chat-template", "--tokenizer", tok, "--output-prefix", tmp_path / "x") == 2
+
+
+def test_preprocess_parquet_columns_one_dataset_per_key(tok, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    rows = {"text": [f"body {i}" for i in range(7)], "title": [f"title {i}" for i in range(7)]}
+    pq.write_table(pa.table(rows), tmp_path / "in.parquet")
+    assert _run_main("--input", tmp_path / "in.parquet", "--json-keys", "text", "title", "--tokenizer", tok,
+                     "--output-prefix", tmp_path / "p", "--no-append-eod") == 0
+    ref = AutoTokenizer.from_pretrained(str(tok))
+    for key in ("text", "title"):  # Megatron-LM's naming: PREFIX_<key>_document
+        ds = IndexedDataset(str(tmp_path / f"p_{key}_document"))
+        assert [ds[i].tolist() for i in range(len(ds))] == [ref(x, add_special_tokens=False)["input_ids"]
+                                                           for x in rows[key]]
+
+
 @pytest.mark.parametrize("case,needle", [
     ("missing", "does not exist"),
     ("badjson", "invalid JSON"),
@@ -75,19 +160,87 @@ def test_preprocess_errors(tok, tmp_path, case, needle):
 
 
 def test_gpt_dataset_masks_eos_predictions(tmp_path):
+    from dms_megatron.config import DataBlend
     from dms_megatron.data.indexed import build_gpt_datasets, write_indexed
 
     eos, pad = 0, 1
     docs = [[5, 6, 7, eos], [8, 9, eos], [10, 11, 12, 13, eos]] * 20
     write_indexed(tmp_path / "t", docs, 32)
     write_indexed(tmp_path / "v", docs, 32)
-    train, _ = build_gpt_datasets(tmp_path / "t", tmp_path / "v", 8, 0, 10, 2, eos, pad, 32)
+    train, _ = build_gpt_datasets(DataBlend.per_split(tmp_path / "t", tmp_path / "v"), 8, 0, 10, 2, eos, pad, 32)
     for i in range(5):
         it = train[i]
         toks, labels, mask = it["tokens"].tolist(), it["labels"].tolist(), it["loss_mask"].tolist()
         assert labels[:-1] == toks[1:]  # next-token labels of one packed window
         for t, m in zip(toks, mask):  # predictions made from EOS are excluded, all others kept
             assert m == (0.0 if t == eos else 1.0)
+
+
+def _two_datasets(tmp_path, eos=0):
+    """Dataset A holds only token 5, dataset B only token 7 (plus EOS): a sample says where it was drawn from."""
+    from dms_megatron.data.indexed import write_indexed
+
+    write_indexed(tmp_path / "A", [[5] * 11 + [eos]] * 400, 32)
+    write_indexed(tmp_path / "B", [[7] * 11 + [eos]] * 400, 32)
+    return str(tmp_path / "A"), str(tmp_path / "B")
+
+
+def _share_of_a(ds, n):
+    from_a = 0
+    for i in range(n):
+        toks = set(ds[i]["tokens"].tolist()) - {0}
+        assert toks in ({5}, {7})  # each sample comes from one dataset
+        from_a += toks == {5}
+    return from_a / n
+
+
+@pytest.mark.parametrize("how", ["per_split", "split"])
+def test_weighted_blend_samples_in_proportion_to_its_weights(tmp_path, how, megatron_single):
+    from dms_megatron.config import DataConfig
+    from dms_megatron.data.indexed import build_gpt_datasets
+
+    a, b = _two_datasets(tmp_path)
+    if how == "per_split":
+        data = DataConfig(train_blend=[0.3, a, 0.7, b], valid_blend=f"1 {a} 3 {b}", tokenizer="t").data_blend()
+    else:  # Megatron-LM's --data-path "0.3 A 0.7 B" --split 98,2,0
+        data = DataConfig(blend=f"0.3 {a} 0.7 {b}", split=[98, 2, 0], tokenizer="t").data_blend()
+    n = 400
+    train, valid = build_gpt_datasets(data, 8, 0, n, 40, 0, 1, 32, cache_dir=str(tmp_path / "cache"))
+    assert abs(_share_of_a(train, n) - 0.3) < 0.03
+    if how == "per_split":
+        assert abs(_share_of_a(valid, 40) - 0.25) < 0.05
+
+
+def test_blend_of_prefixes_without_weights_samples_by_size(tmp_path, megatron_single):
+    """Megatron-LM's unweighted list: each dataset in proportion to its size (A holds 3x B's tokens)."""
+    from dms_megatron.config import DataConfig
+    from dms_megatron.data.indexed import build_gpt_datasets, write_indexed
+
+    write_indexed(tmp_path / "A", [[5] * 11 + [0]] * 300, 32)
+    write_indexed(tmp_path / "B", [[7] * 11 + [0]] * 100, 32)
+    data = DataConfig(train_blend=[str(tmp_path / "A"), str(tmp_path / "B")], valid_prefix=str(tmp_path / "B"),
+                      tokenizer="t").data_blend()
+    train, _ = build_gpt_datasets(data, 8, 0, 200, 4, 0, 1, 32, cache_dir=str(tmp_path / "cache"))
+    assert abs(_share_of_a(train, 200) - 0.75) < 0.05
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(blend="0.3 A 0.7"), "has 3 entries"),
+    (dict(blend=[0.3, "A", -0.7, "B"]), "weight -0.7 (of B) must be a positive number"),
+    (dict(blend="0 A 1 B"), "weight '0' (of A) must be a positive number"),
+    (dict(blend="A 0.5 B"), "'0.5' is a number among prefixes"),
+    (dict(blend="1 A", split="100,0,0"), "needs a train and a valid part"),
+    (dict(train_prefix="0.3 A 0.7 B", valid_prefix="V"), "a blend goes into data.train_blend"),
+    (dict(train_blend="A"), "data.valid_blend (or data.valid_prefix) is missing"),
+    (dict(blend="A", train_prefix="B"), "both given"),
+    (dict(split="98,2,0", train_prefix="A", valid_prefix="B"), "data.split divides data.blend"),
+])
+def test_bad_blends_are_one_line_config_errors(kw, needle):
+    from dms_megatron.config import ConfigError, DataConfig
+
+    with pytest.raises(ConfigError) as e:
+        DataConfig(tokenizer="t", **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def _parse(task, toks):

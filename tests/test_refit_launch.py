@@ -99,6 +99,39 @@ def test_hydra_errors_are_one_line_with_a_suggestion(tmp_path, args, line):
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
+def _blend_overrides(assets, blend):
+    return [o for o in _overrides(assets) if not o.startswith(("data.train_prefix", "data.valid_prefix"))] + \
+        [f"data.blend={blend}", "data.split=[90,10,0]"]
+
+
+@pytest.mark.parametrize("blend,needle", [
+    ("[0.3,{t},0.7]", "data.blend="),
+    ("[0.3,{t},0.7,/nowhere/b]", "data.blend /nowhere/b: /nowhere/b.bin does not exist"),
+])
+def test_bad_blends_fail_in_one_line_before_anything_starts(assets, tmp_path, blend, needle):
+    run = tmp_path / "run"
+    r = _launch(_blend_overrides(assets, blend.format(t=assets["train"], v=assets["valid"]))
+                + [f"hydra.run.dir={run}"], timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("name,key", [("data_path", "data.blend"), ("data.train_data_path", "data.train_blend"),
+                                      ("data.valid_data_path", "data.valid_blend"), ("split", "data.split")])
+def test_megatron_lm_data_flags_are_suggested(name, key):
+    from dms_megatron.config import RefitConfig
+    from dms_megatron.launch.hydra_cli import schema_keys, suggest_key
+
+    assert suggest_key(name, schema_keys(RefitConfig)) == key
+
+
+def test_megatron_lm_data_path_on_the_command_line_names_data_blend(tmp_path):
+    r = _launch(["data_path=[0.3,A,0.7,B]", f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown key 'data_path'; did you mean data.blend?", \
+        r.stderr[-2000:]
+
+
 # Published architecture numbers (the models' HF config.json): layers, hidden, ffn, heads, kv heads, head dim, vocab.
 PRESETS = {
     "llama3.2-1b": (16, 2048, 8192, 32, 8, 64, 128256),

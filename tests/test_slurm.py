@@ -297,3 +297,25 @@ def test_convert_jobs_import_then_export_round_trip(tmp_path, slurm_cluster):
     a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(a) == sorted(b)
     assert all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
+
+
+def test_sbatch_refit_from_a_megatron_lm_checkpoint_on_a_blend(assets, tmp_path):
+    """The README walk-through's sbatch step: a re-fit from a Megatron-LM checkpoint on a weighted blend."""
+    import mlm_fixtures
+    from dms_megatron.megatron.distributed import init_process_groups
+
+    try:
+        w = mlm_fixtures.walkthrough_inputs(tmp_path, assets)
+    finally:
+        init_process_groups(1, 1, seed=1234)
+    for name in ("a", "b"):
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", w[name],
+                            "--tokenizer", assets["tokenizer"], "--output-prefix", f"{w['data']}/{name}",
+                            "--workers", "2", "--append-eod"], env=_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    job = _submit(mlm_fixtures.walkthrough_overrides(assets, w), tmp_path)
+    rec = _wait(job)
+    run = tmp_path / "runs" / "slurm" / f"dms-refit-{job}"
+    assert rec["JobState"] == "COMPLETED", (rec, (tmp_path / f"dms-refit-{job}.out").read_text())
+    assert json.loads((run / "report.json").read_text())["steps"] == 2

@@ -41,13 +41,14 @@ def _reference(assets, cfg, tmp_path, student_weights):
     """What the checks recompute from: tokenizer, the run's train / valid datasets, the teacher and a student with
     ``student_weights``, built independently of the trainer."""
     from dms_megatron.checkpoint import load_model_weights
+    from dms_megatron.config import DataBlend
     from dms_megatron.data.indexed import build_gpt_datasets
     from dms_megatron.data.tokenizer import load_tokenizer
     from dms_megatron.megatron.model import build_gpt_model
 
     t, mc = cfg.train, cfg.model
     tok = load_tokenizer(assets["tokenizer"])
-    train_ds, valid_ds = build_gpt_datasets(assets["train"], assets["valid"], t.seq_length, t.seed,
+    train_ds, valid_ds = build_gpt_datasets(DataBlend.per_split(assets["train"], assets["valid"]), t.seq_length, t.seed,
                                             t.steps * t.global_batch_size, t.eval_batches * t.micro_batch_size,
                                             tok.eos_token_id, tok.pad_token_id or 0, mc.vocab_size,
                                             cache_dir=str(tmp_path / "ref-cache"))

@@ -7,6 +7,7 @@ directory that is renamed into place once complete, and the tracker file is repl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -31,7 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from dms_megatron.config import DMSConfig, ModelConfig, from_dict
 from dms_megatron.megatron.distributed import rank
-from dms_megatron.megatron.sharding import merge_swiglu_factories
+from dms_megatron.megatron.sharding import merge_swiglu_factories, spec_alias
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -246,10 +247,15 @@ def _common(d: Path) -> dict:
     return common.get("common", common)
 
 
+def read_common(load_dir, iteration: Optional[int] = None) -> dict:
+    """The common (non-tensor) state saved with a checkpoint, without loading tensors."""
+    d, _ = resolve_checkpoint(load_dir, iteration)
+    return _common(d)
+
+
 def read_extra(load_dir, iteration: Optional[int] = None) -> dict:
     """The ``extra`` dict saved with a checkpoint (configs, data position, ...), without loading tensors."""
-    d, _ = resolve_checkpoint(load_dir, iteration)
-    return _common(d).get("extra", {})
+    return read_common(load_dir, iteration).get("extra", {})
 
 
 def _reason(e: BaseException) -> str:
@@ -366,6 +372,9 @@ def load_model_weights(load_dir, model, iteration: Optional[int] = None, allow_m
         key = getattr(sharded[name], "key", None)
         if key in in_ckpt:
             continue
+        if is_tensor and spec_alias(key) in in_ckpt:  # pre-norms saved under their local names (older megatron-core)
+            sharded[name] = dataclasses.replace(sharded[name], key=spec_alias(key))
+            continue
         if any(a in name for a in allow_missing):
             if is_tensor:
                 skipped.append(name)
@@ -396,5 +405,6 @@ def read_checkpoint_configs(load_dir, iteration: Optional[int] = None) -> Tuple[
     return mc, dms, extra
 
 
-__all__ = ["AsyncSaves", "save_checkpoint", "load_checkpoint", "load_model_weights", "latest_iteration", "resolve_checkpoint",
-           "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir", "TRACKER", "checkpoints_dir"]
+__all__ = ["AsyncSaves", "save_checkpoint", "load_checkpoint", "load_model_weights", "latest_iteration",
+           "resolve_checkpoint", "read_common", "read_extra", "read_checkpoint_configs", "CheckpointError", "iter_dir",
+           "TRACKER", "checkpoints_dir"]

@@ -7,9 +7,10 @@ groups under ``dms_megatron/configs`` only override.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from dms_megatron.config.base import ConfigError, check_choice, check_ints, fail, from_dict, is_int
+from dms_megatron.config.blend import DEFAULT_SPLIT, DataBlend, parse_blend, parse_split
 from dms_megatron.config.dms import DMSConfig
 from dms_megatron.config.model import ModelConfig
 
@@ -82,20 +83,72 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     """Data locations; all null = the embedded tiny default's data. ``recall`` picks the embedded recall task:
-    "mqar" (several key -> value pairs among filler text, then questions) or "single" (one stated value)."""
+    "mqar" (several key -> value pairs among filler text, then questions) or "single" (one stated value).
+
+    Either one weighted ``blend`` (Megatron-LM's ``--data-path``: ``[0.3, A, 0.7, B]`` or ``"0.3 A 0.7 B"``)
+    divided into train / valid by ``split`` (``--split``, default 969,30,1), or a blend per split: ``train_blend``
+    / ``valid_blend`` (``--train-data-path`` / ``--valid-data-path``), for which ``train_prefix`` / ``valid_prefix``
+    are the one-dataset shorthand.
+    """
 
     train_prefix: Optional[str] = None
     valid_prefix: Optional[str] = None
     tokenizer: Optional[str] = None
     recall_eval: Optional[str] = None
     recall: str = "mqar"
+    blend: Optional[Any] = None
+    split: Optional[Any] = None
+    train_blend: Optional[Any] = None
+    valid_blend: Optional[Any] = None
 
     def __post_init__(self) -> None:
         check_choice("data", "recall", self.recall, RECALL_TASKS)
-        given = [self.train_prefix is not None, self.valid_prefix is not None, self.tokenizer is not None]
-        if any(given) and not all(given):
-            raise ConfigError("data.train_prefix, data.valid_prefix and data.tokenizer must be given together "
-                              "(or all left null for the embedded default)")
+        for name in ("train_prefix", "valid_prefix"):
+            v = getattr(self, name)
+            if v is not None and len(str(v).split()) > 1:
+                raise ConfigError(f"data.{name}={v!r} names more than one dataset: a blend goes into "
+                                  f"data.{name.split('_')[0]}_blend (or data.blend with data.split)")
+            if v is not None and getattr(self, name.replace("prefix", "blend")) is not None:
+                raise ConfigError(f"data.{name} and data.{name.replace('prefix', 'blend')} both given: "
+                                  f"data.{name} is the one-dataset shorthand of the blend; keep one")
+        per_split = [getattr(self, n) is not None for n in ("train_prefix", "valid_prefix", "train_blend",
+                                                              "valid_blend")]
+        if self.blend is not None and any(per_split):
+            raise ConfigError("data.blend (divided by data.split) and per-split data (data.train_blend / "
+                              "data.valid_blend / data.train_prefix / data.valid_prefix) both given; keep one")
+        if self.split is not None and self.blend is None:
+            raise ConfigError("data.split divides data.blend, which is not given (per-split data needs no split)")
+        self.data_blend()  # parses: a malformed blend fails here, before anything starts
+        given = self.blend is not None or any(per_split)
+        if given != (self.tokenizer is not None):
+            raise ConfigError("data.tokenizer and the data (data.blend, or data.train_blend / data.valid_blend, or "
+                              "data.train_prefix / data.valid_prefix) must be given together (or all left null "
+                              "for the embedded default)")
+
+    @property
+    def given(self) -> bool:
+        """Whether any data (not the embedded default's) is configured."""
+        return self.data_blend() is not None
+
+    def data_blend(self) -> Optional[DataBlend]:
+        """The configured data as megatron-core takes it (None: the embedded default's); ConfigError if only one
+        split has data."""
+        if self.blend is not None:
+            return DataBlend(blend=parse_blend("data.blend", self.blend),
+                             split=parse_split("data.split", DEFAULT_SPLIT if self.split is None else self.split))
+        train = self.train_blend if self.train_blend is not None else self.train_prefix
+        valid = self.valid_blend if self.valid_blend is not None else self.valid_prefix
+        if train is None and valid is None:
+            return None
+        if train is None or valid is None:
+            missing = "data.train_blend (or data.train_prefix)" if train is None else \
+                "data.valid_blend (or data.valid_prefix)"
+            raise ConfigError(f"{missing} is missing: per-split data needs a train and a valid blend (or one "
+                              f"data.blend divided by data.split)")
+        return DataBlend(train=parse_blend("data.train_blend" if self.train_blend is not None else
+                                           "data.train_prefix", train),
+                         valid=parse_blend("data.valid_blend" if self.valid_blend is not None else
+                                           "data.valid_prefix", valid))
 
 
 @dataclass
@@ -183,15 +236,15 @@ class RefitConfig:
         if p.sequence_parallel and t.seq_length % p.tp:
             raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tp={p.tp} to divide "
                               f"train.seq_length={t.seq_length}")
-        if self.embedded and (self.data.train_prefix or t.init_checkpoint):
+        if self.embedded and (self.data.given or t.init_checkpoint):
             raise ConfigError("embedded=true uses the built-in data and teacher; set embedded=false to pass "
                               "data.* / train.init_checkpoint")
         if not self.embedded and t.init_checkpoint is None:
             raise ConfigError("train.init_checkpoint is required when embedded=false (a checkpoint written by "
                               "dms-convert import, a previous run, or a Hugging Face model dir)")
-        if not self.embedded and self.data.train_prefix is None:
-            raise ConfigError("data.train_prefix / data.valid_prefix / data.tokenizer are required when "
-                              "embedded=false")
+        if not self.embedded and not self.data.given:
+            raise ConfigError("data (data.blend, or data.train_prefix / data.valid_prefix) and data.tokenizer are "
+                              "required when embedded=false")
         if t.mode == "adapter" and self.dms.alpha_source != "adapter":
             raise ConfigError("train.mode=adapter trains only the DMS adapter: set dms.alpha_source=adapter")
 

@@ -22,9 +22,9 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from dms_megatron.checkpoint import (CheckpointError, checkpoints_dir, load_model_weights, read_checkpoint_configs,
-                                     save_checkpoint)
-from dms_megatron.config import DMSConfig, ModelConfig
+from dms_megatron.checkpoint import CheckpointError, checkpoints_dir, save_checkpoint
+from dms_megatron.checkpoint.megatron_lm import checkpoint_configs, load_weights
+from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
 from dms_megatron.convert.families import DTYPES, family_by_name, uses_adapter
 from dms_megatron.convert.hf_io import (ConversionError, check_output_dir, finalize_output, iter_side_files,
                                         write_safetensors_streaming)
@@ -208,16 +208,16 @@ def unimportable_modules(files: List[Path]) -> List[str]:
 def export_checkpoint(megatron_path, hf_path, *, fmt: str = "dms", iteration: Optional[int] = None,
                       dtype: Optional[str] = None, max_shard_bytes: int = 5 * 1024 ** 3,
                       modeling_code: Optional[Path] = None) -> Path:
-    """Megatron checkpoint (any saved layout; loaded at tp=1, pp=1) -> HF directory ``hf_path`` (with the files of
-    ``modeling_code`` its auto_map names, for ``trust_remote_code`` loading). ``megatron_path`` may also be a
-    dms-refit run dir (its ``checkpoints/``)."""
+    """Megatron checkpoint (this project's or Megatron-LM's; any saved layout, loaded at tp=1, pp=1) -> HF
+    directory ``hf_path`` (with the files of ``modeling_code`` its auto_map names, for ``trust_remote_code``
+    loading). ``megatron_path`` may also be a dms-refit run dir (its ``checkpoints/``)."""
     out = check_output_dir(hf_path)
     megatron_path = checkpoints_dir(megatron_path)
     if fmt not in ("dms", "plain"):
         raise ConversionError(f"--format {fmt!r} is not supported; allowed: dms, plain")
     try:
-        mc, dms, extra = read_checkpoint_configs(megatron_path, iteration)
-    except CheckpointError as e:
+        mc, dms, extra = checkpoint_configs(megatron_path, iteration)
+    except (CheckpointError, ConfigError) as e:
         raise ConversionError(str(e)) from None
     base = extra.get("hf_config")
     dtype = dtype or _hf_dtype_name(base or {}) or "float32"
@@ -235,7 +235,7 @@ def export_checkpoint(megatron_path, hf_path, *, fmt: str = "dms", iteration: Op
         tcfg = transformer_config(mc, perform_initialization=False)
         model = build_gpt_model(mc, dms, seq_length=mc.max_position_embeddings, config=tcfg)
         try:
-            load_model_weights(megatron_path, model, iteration)
+            load_weights(megatron_path, model, iteration)
         except CheckpointError as e:
             raise ConversionError(str(e)) from None
         tmp.mkdir(parents=True)

@@ -85,7 +85,12 @@ def resolve_assets(cfg: EvalConfig) -> EvalAssets:
     else:
         teacher, recall = Path(r.train.init_checkpoint), r.data.recall_eval
         version = str(teacher.resolve())
-        kl = heldout_sequences(cfg.valid_prefix or r.data.valid_prefix, cfg.kl_sequences, length)
+        valid = r.data.data_blend().valid
+        prefix = cfg.valid_prefix or (valid[0][0] if valid else None)
+        if prefix is None:
+            raise ConfigError("refit.data.blend is divided by split, so no dataset is held out as a whole: set "
+                              "eval.valid_prefix to an indexed held-out text")
+        kl = heldout_sequences(prefix, cfg.kl_sequences, length)
     teacher = Path(cfg.teacher) if cfg.teacher else Path(teacher)
     recall = cfg.recall_eval or recall
     for what, p in (("teacher", teacher), ("recall items", recall)):

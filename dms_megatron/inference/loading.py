@@ -8,8 +8,9 @@ from typing import Dict, Optional
 
 import torch
 
-from dms_megatron.checkpoint import CheckpointError, checkpoints_dir, load_model_weights, read_checkpoint_configs
-from dms_megatron.config import DMSConfig, ModelConfig
+from dms_megatron.checkpoint import CheckpointError, checkpoints_dir
+from dms_megatron.checkpoint.megatron_lm import checkpoint_configs, load_weights
+from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
 from dms_megatron.convert.families import family_by_name, uses_adapter
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model, uses_te_names
@@ -58,8 +59,8 @@ def load_megatron(path, *, iteration: Optional[int] = None, require_dms: bool = 
     at tp=1, pp=1 in this process, then renamed to HF names in memory)."""
     path = checkpoints_dir(path)
     try:
-        mc, dms, _ = read_checkpoint_configs(path, iteration)
-    except CheckpointError as e:
+        mc, dms, _ = checkpoint_configs(path, iteration)
+    except (CheckpointError, ConfigError) as e:
         raise ModelLoadError(str(e)) from None
     if require_dms and dms is None:
         raise ModelLoadError(f"{path}: the checkpoint records no dms_config: not a DMS checkpoint (a plain model); "
@@ -71,7 +72,7 @@ def load_megatron(path, *, iteration: Optional[int] = None, require_dms: bool = 
         model = build_gpt_model(mc, dms, seq_length=mc.max_position_embeddings,
                                 config=transformer_config(mc, perform_initialization=False))
         try:
-            load_model_weights(path, model, iteration)
+            load_weights(path, model, iteration)
         except CheckpointError as e:
             raise ModelLoadError(str(e)) from None
         sd = dict(model.state_dict())

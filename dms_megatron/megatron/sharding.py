@@ -14,6 +14,7 @@ chunks).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -44,4 +45,22 @@ def merge_swiglu_factories(sharded: dict) -> dict:
     return sharded
 
 
-__all__ = ["merge_swiglu_factories"]
+#: norm weights the Transformer Engine layer spec fuses into the following linear: local name -> TE name. Today's
+#: megatron-core saves both specs' pre-norms under the TE names; older releases saved the local spec's as its own.
+TE_FUSED_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                  "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def spec_alias(key: str) -> Optional[str]:
+    """The same tensor's checkpoint key under the other naming (local module name <-> Transformer Engine name), or
+    None for a tensor both name alike: ``decoder.layers.input_layernorm.weight`` <->
+    ``decoder.layers.self_attention.linear_qkv.layer_norm_weight``, ``pre_mlp_layernorm.weight`` <->
+    ``mlp.linear_fc1.layer_norm_weight``."""
+    for local, te in TE_FUSED_NORMS.items():
+        for a, b in ((local, te), (te, local)):
+            if key.endswith("." + a):
+                return key[: -len(a)] + b
+    return None
+
+
+__all__ = ["merge_swiglu_factories", "spec_alias", "TE_FUSED_NORMS"]

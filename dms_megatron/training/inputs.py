@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dms_megatron.checkpoint import CheckpointError, read_checkpoint_configs
-from dms_megatron.config import ConfigError, ModelConfig, RefitConfig, check_same_arch
+from dms_megatron.checkpoint import CheckpointError
+from dms_megatron.checkpoint.megatron_lm import checkpoint_configs
+from dms_megatron.config import ConfigError, DataBlend, ModelConfig, RefitConfig, check_same_arch
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model
 from dms_megatron.data.embedded import AssetError, ensure_refit_data, heldout_file, verify_teacher
@@ -28,8 +29,7 @@ class RunInputs:
     model_config: ModelConfig
     init: Path  # megatron checkpoint dir or HF dir of the teacher (and the student's initial weights)
     tokenizer: Path
-    train_prefix: Optional[str]
-    valid_prefix: Optional[str]
+    data: Optional[DataBlend]  # None only in a check-only resolve of the embedded default
     recall_eval: Optional[Path]
     eos_id: int
     pad_id: int
@@ -37,7 +37,7 @@ class RunInputs:
     def datasets(self, cfg: RefitConfig, run_dir):
         """(train, valid) megatron GPT datasets of a run: the same samples on every rank and in its report."""
         t = cfg.train
-        return build_gpt_datasets(self.train_prefix, self.valid_prefix, t.seq_length, t.seed,
+        return build_gpt_datasets(self.data, t.seq_length, t.seed,
                                   t.steps * t.global_batch_size, max(1, t.eval_batches * t.micro_batch_size),
                                   self.eos_id, self.pad_id, self.model_config.vocab_size,
                                   cache_dir=None if cfg.embedded else str(Path(run_dir) / "data-cache"))
@@ -57,19 +57,19 @@ class RunInputs:
         if cfg.embedded:
             if build:
                 d = ensure_refit_data(cfg.data.recall, cfg.train.seq_length, log=log)
-                init, tok_dir, train, valid, recall = d.teacher, d.tokenizer, d.train_prefix, d.valid_prefix, \
-                    d.recall_eval
+                init, tok_dir, recall = d.teacher, d.tokenizer, d.recall_eval
+                data = DataBlend.per_split(d.train_prefix, d.valid_prefix)
             else:
                 init = tok_dir = verify_teacher()
-                train = valid = None
+                data = None
                 recall = heldout_file(init, cfg.data.recall)
         else:
             init, tok_dir = Path(cfg.train.init_checkpoint), Path(cfg.data.tokenizer)
-            train = check_prefix(cfg.data.train_prefix, "data.train_prefix")
-            valid = check_prefix(cfg.data.valid_prefix, "data.valid_prefix")
+            data = cfg.data.data_blend()
+            for prefix in data.prefixes():
+                check_prefix(prefix, _field_of(cfg, prefix))
             recall = Path(cfg.data.recall_eval) if cfg.data.recall_eval else None
-        mc = init_model_config(init)
-        check_same_arch(cfg.model, mc, f"the teacher {init}")
+        mc = init_model_config(init, cfg.model)
         mc = dataclasses.replace(mc, spec=cfg.model.spec)  # how to build it is the run's choice, not the teacher's
         if cfg.train.seq_length > mc.max_position_embeddings:
             raise ConfigError(f"train.seq_length={cfg.train.seq_length} exceeds the teacher's "
@@ -78,7 +78,7 @@ class RunInputs:
         if len(tok) > mc.vocab_size:
             raise ConfigError(f"tokenizer {tok_dir} has {len(tok)} tokens but the model vocabulary is "
                               f"{mc.vocab_size}: wrong tokenizer for this model")
-        for prefix in (p for p in (train, valid) if p is not None):
+        for prefix in data.prefixes() if data is not None else ():
             m = max_token_id(prefix)
             if m >= mc.vocab_size:
                 raise ConfigError(f"{prefix}.bin holds token id {m} >= model vocab {mc.vocab_size}: data was "
@@ -86,16 +86,32 @@ class RunInputs:
         if recall is not None:
             read_items(recall)  # exists and parses
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        return cls(mc, init, tok_dir, train, valid, recall, tok.eos_token_id, pad)
+        return cls(mc, init, tok_dir, data, recall, tok.eos_token_id, pad)
 
 
-def init_model_config(init: Path) -> ModelConfig:
-    """The architecture recorded with a teacher: a HF dir's config.json or a megatron checkpoint's extra state."""
+def _field_of(cfg: RefitConfig, prefix: str) -> str:
+    """The data.* field that names ``prefix`` (for its error line)."""
+    d = cfg.data
+    for name in ("train_prefix", "valid_prefix", "blend", "train_blend", "valid_blend"):
+        v = getattr(d, name)
+        if v is not None and prefix in (v.split() if isinstance(v, str) else [str(x) for x in v]):
+            return f"data.{name}"
+    return "data prefix"
+
+
+def init_model_config(init: Path, like: ModelConfig) -> ModelConfig:
+    """The architecture recorded with a teacher (a HF dir's config.json, this project's checkpoint's extra state, or
+    a Megatron-LM checkpoint's args), checked against the run's model config ``like``."""
     if not Path(init).exists():
         raise ConfigError(f"train.init_checkpoint {init} does not exist")
     if is_hf_dir(init):
-        return read_hf_model(init)[1]
-    return read_checkpoint_configs(init)[0]
+        mc = read_hf_model(init)[1]
+    else:
+        mc, _, extra = checkpoint_configs(init, like=like)
+        if extra.get("megatron_lm"):
+            return mc  # compared field by field, padded vocabulary included
+    check_same_arch(like, mc, f"the teacher {init}")
+    return mc
 
 
 __all__ = ["RunInputs", "init_model_config"]

@@ -1,5 +1,5 @@
-"""Initial weights of teacher and student: from a megatron dist-checkpoint (any saved layout) or streamed from a
-Hugging Face model dir into this rank's shard (``convert.hf_model``), strictly."""
+"""Initial weights of teacher and student: from a megatron dist-checkpoint (this project's or Megatron-LM's, any saved
+layout) or streamed from a Hugging Face model dir into this rank's shard (``convert.hf_model``), strictly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from dms_megatron.checkpoint import load_model_weights
+from dms_megatron.checkpoint.megatron_lm import load_weights
 from dms_megatron.config import ConfigError, ModelConfig
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, load_hf_into_model, read_hf_model
@@ -18,7 +18,7 @@ def load_init_weights(init: Path, model, model_cfg: ModelConfig, allow_missing: 
     """Fill ``model`` (this rank's stage and tensor shard) from ``init``; parameters whose name contains one of
     ``allow_missing`` may be absent from it (e.g. a DMS adapter student from a plain teacher)."""
     if not is_hf_dir(init):
-        load_model_weights(init, model, allow_missing=allow_missing)
+        load_weights(init, model, allow_missing=allow_missing)
         return
     try:
         fam, _, _, _, reader, _ = read_hf_model(init)
