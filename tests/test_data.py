@@ -123,8 +123,8 @@ def test_preprocess_chat_template_renders_messages_with_the_tokenizers_template(
 
 
 def test_preprocess_parquet_columns_one_dataset_per_key(tok, tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
+    import pyarrow as pa  # the dev extra installs it: this test runs wherever the tests do
+    import pyarrow.parquet as pq
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import AutoTokenizer
 
