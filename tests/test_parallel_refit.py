@@ -8,20 +8,16 @@ runs the full matrix.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from parallel_harness import dump_grads
 from refit_fixtures import refit_dict, shared_assets
+from spawn_util import torchrun_harness
 
 pytestmark = pytest.mark.parallel
 
-ROOT = Path(__file__).resolve().parents[1]
-HARNESS = Path(__file__).resolve().parent / "parallel_harness.py"
 STEPS = 3
 # Adam's first step moves every weight by about +-lr whatever its gradient's size, so fp32 reduction-order noise in
 # near-zero gradients becomes weight noise of order lr; a small lr keeps later steps comparable at fp32 tolerance.
@@ -46,21 +42,6 @@ def _run_one_rank(d, run_dir):
 
     run_refit(RefitConfig.from_dict(d), run_dir, report=False, after_backward=dump_grads(run_dir))
     return run_dir
-
-
-def _torchrun(nproc, d, tmp, *args):
-    cfg_path = tmp / f"config-{os.getpid()}-{len(list(tmp.iterdir()))}.json"
-    cfg_path.write_text(json.dumps(d))
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                        str(HARNESS), "--config", str(cfg_path), *map(str, args)],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-HERE = Path(__file__).resolve().parent
 
 
 def _metrics(run_dir):
@@ -105,7 +86,7 @@ def test_layout_matches_one_rank(assets, one_rank, tmp_path, tp, pp, nproc, sp):
     d1, dir1 = one_rank
     d = _cfg_dict(assets, tp=tp, pp=pp, sp=sp)
     report = ("--report",) if pp > 1 else ()  # the report stage at the training layout
-    _torchrun(nproc, d, tmp_path, "--run-dir", tmp_path / "run", *report)
+    torchrun_harness(nproc, d, tmp_path, "--run-dir", tmp_path / "run", *report)
     a, b = _metrics(dir1), _metrics(tmp_path / "run")
     assert [x["step"] for x in b] == list(range(1, STEPS + 1))
     assert any(x["compression_loss"] > 0 for x in a)  # the compression term's gradient is exercised
@@ -132,7 +113,7 @@ def test_alpha_per_layer_under_tp2_matches_one_rank(assets, tmp_path):
     """dms.alpha_per=layer: KV head 0 (on tp rank 0) decides for every head of the layer on every rank."""
     d1, d2 = _cfg_dict(assets, alpha_per="layer"), _cfg_dict(assets, tp=2, alpha_per="layer")
     dir1 = _run_one_rank(d1, tmp_path / "one")
-    _torchrun(2, d2, tmp_path, "--run-dir", tmp_path / "tp2")
+    torchrun_harness(2, d2, tmp_path, "--run-dir", tmp_path / "tp2")
     a, b = _metrics(dir1), _metrics(tmp_path / "tp2")
     for x, y in zip(a, b):
         for k in ("loss", "kd_loss", "compression_loss", "evicted_fraction", "evicted_fraction/layer1"):

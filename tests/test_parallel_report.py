@@ -8,20 +8,15 @@ unless a decision logit or a top-2 logit gap lies within float noise of 0, so on
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from refit_fixtures import refit_dict, run_refit, shared_assets
+from spawn_util import torchrun_harness
 
 pytestmark = pytest.mark.parallel
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-HARNESS = HERE / "parallel_harness.py"
 STEPS, LR = 2, 1e-4
 
 
@@ -61,15 +56,7 @@ def _cfg_dict(assets, tp=1, pp=1, **train):
 
 
 def _torchrun(nproc, d, tmp, run_dir, timeout=900):
-    cfg_path = tmp / f"config-tp{d['parallel']['tp']}pp{d['parallel']['pp']}.json"
-    cfg_path.write_text(json.dumps(d))
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                        str(HARNESS), "--config", str(cfg_path), "--run-dir", str(run_dir), "--report",
-                        "--no-grads"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_harness(nproc, d, tmp, "--run-dir", run_dir, "--report", "--no-grads", timeout=timeout)
     return json.loads((run_dir / "report.json").read_text())
 
 
