@@ -41,7 +41,7 @@ def write(save: str, mc: dict, tp: int, pp: int, legacy_names: bool, dump: str) 
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from dms_megatron.checkpoint.store import _use_in_process_results_queue
+    from dms_megatron.checkpoint.store import _use_results_queue
     from dms_megatron.config import ModelConfig
     from dms_megatron.megatron.distributed import init_process_groups
     from dms_megatron.megatron.model import build_gpt_model
@@ -66,7 +66,7 @@ def write(save: str, mc: dict, tp: int, pp: int, legacy_names: bool, dump: str) 
     if rank == 0:
         d.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    _use_in_process_results_queue()
+    _use_results_queue(in_background=False)
     dist_checkpointing.save(state, str(d))
     dist.barrier()
     if rank == 0:

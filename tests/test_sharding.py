@@ -40,9 +40,9 @@ def test_checkpoints_cross_load_between_merged_and_factory_layouts(megatron_sing
     from megatron.core import dist_checkpointing
 
     from dms_megatron.megatron.sharding import merge_swiglu_factories
-    from dms_megatron.checkpoint.store import _use_in_process_results_queue
+    from dms_megatron.checkpoint.store import _use_results_queue
 
-    _use_in_process_results_queue()
+    _use_results_queue(in_background=False)
     src, dst = _model(0), _model(1)
     sd = src.sharded_state_dict()
     dist_checkpointing.save(merge_swiglu_factories(sd) if save_merged else sd, str(tmp_path))
