@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from parallel_harness import local_shards
-from test_parallel_refit import _cfg_dict, _run_one_rank, _torchrun
+from spawn_util import torchrun_harness
+from test_parallel_refit import _cfg_dict, _run_one_rank
 
 pytestmark = pytest.mark.parallel
 
@@ -69,8 +70,8 @@ def test_checkpoint_reshards_between_tp2pp2_and_one_rank(assets, tmp_path):
     adapter = dict(alpha_source="adapter")
     d1, d4 = _cfg_dict(assets, steps=2, **adapter), _cfg_dict(assets, tp=2, pp=2, steps=2, **adapter)
     one = _run_one_rank(d1, tmp_path / "one")
-    _torchrun(4, d4, tmp_path, "--run-dir", tmp_path / "four")
-    _torchrun(4, d4, tmp_path, "--load", tmp_path / "four" / "checkpoints", tmp_path / "four.pt",
+    torchrun_harness(4, d4, tmp_path, "--run-dir", tmp_path / "four")
+    torchrun_harness(4, d4, tmp_path, "--load", tmp_path / "four" / "checkpoints", tmp_path / "four.pt",
               "--load", one / "checkpoints", tmp_path / "one.pt")
 
     def dumps(prefix):
@@ -109,10 +110,10 @@ def test_dp2_fully_parallel_async_checkpoint_loads_exactly_at_one_rank_and_at_dp
     d2 = _cfg_dict(assets, steps=2)
     d2["train"].update(async_save=True, save_interval=1, global_batch_size=4, micro_batch_size=2)
     d2["parallel"]["nproc_per_node"] = 2
-    _torchrun(2, d2, tmp_path, "--run-dir", tmp_path / "dp2")
+    torchrun_harness(2, d2, tmp_path, "--run-dir", tmp_path / "dp2")
     ckpt = tmp_path / "dp2" / "checkpoints"
     assert latest_iteration(ckpt) == 2 and not list(ckpt.glob(".tmp*"))
-    _torchrun(2, d2, tmp_path, "--load", ckpt, tmp_path / "dp2.pt")
+    torchrun_harness(2, d2, tmp_path, "--load", ckpt, tmp_path / "dp2.pt")
     d1 = _cfg_dict(assets, steps=2)
     d1["train"].update(global_batch_size=4, micro_batch_size=2)
     on_one = _load_one_rank(d1, ckpt)
