@@ -102,8 +102,11 @@ def _use_results_queue(in_background: bool) -> None:
     re-imports ``__main__`` and outlives a SIGKILLed trainer (holding its stdout/stderr open).
     """
     q = getattr(filesystem_async, "_results_queue", None)
-    if in_background != (q is not None and not isinstance(q, queue.Queue)):
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue() if in_background else queue.Queue()
+    in_process = isinstance(q, queue.Queue)
+    if in_background and (q is None or in_process):
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+    elif not in_background and not in_process:  # also when none is set yet: never megatron's spawned Manager
+        filesystem_async._results_queue = queue.Queue()
 
 
 class AsyncSaves:
