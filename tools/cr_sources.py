@@ -19,6 +19,7 @@ import yaml
 
 from dms_megatron.checkpoint import load_model_weights
 from dms_megatron.config import RefitConfig
+from dms_megatron.core.compression import cr_from_evicted_fraction
 from dms_megatron.core.losses import cr_at_step
 from dms_megatron.data.embedded import heldout_file, read_heldout_text
 from dms_megatron.data.indexed import collate
@@ -42,7 +43,7 @@ def fractions(student, tokens, valid, mode: str, seed: int, step: int) -> torch.
 
 
 def cr(frac: torch.Tensor) -> float:
-    return 1.0 / (1.0 - float(frac.mean()))
+    return cr_from_evicted_fraction(float(frac.mean()))
 
 
 def main() -> None:
