@@ -346,3 +346,32 @@ def test_max_token_id_is_the_largest_stored_id(tmp_path, vocab):
     assert max_token_id(tmp_path / "d") == vocab - 1 == max(max(d) for d in docs)
     write_indexed(tmp_path / "d", docs[:17], vocab)  # rewritten: the remembered answer does not outlive the file
     assert max_token_id(tmp_path / "d") == max(max(d) for d in docs[:17]) < vocab - 1
+
+
+def test_chain_examples_state_every_hop_before_the_question(tok):
+    """Every answer token is the target of the statement whose source is the token before it; the chain starts
+    at the asked key, ends at a value, and the distractor chain shares no key with it."""
+    from dms_megatron.data.recall import TASKS, ChainTask, filler_from
+    from dms_megatron.data.tokenizer import load_tokenizer
+
+    task = ChainTask(load_tokenizer(tok), TASKS["chain"])
+    text = list(range(60, 300))
+    lengths = set()
+    for seed in range(30):
+        rng = random.Random(seed)
+        toks, answers = task.example(rng, filler_from(text)(rng))
+        links = {toks[i + 1]: (toks[i + 2], i) for i in range(len(toks) - 2) if toks[i] == task.kv}
+        q = toks.index(task.q)
+        assert answers == list(range(q + 2, len(toks))) and len(toks) <= TASKS["chain"].longest() <= 256
+        lo, hi = TASKS["chain"].hops
+        assert lo <= len(answers) <= hi
+        for a in answers:
+            target, where = links[toks[a - 1]]  # the statement of the key just written
+            assert target == toks[a] and where < q
+        assert all(t in task.keys for t in toks[q + 1:-1]) and toks[-1] in task.values
+        chain = set(toks[q + 1:])
+        assert len(links) > len(answers) and sum(k in chain for k in links) == len(answers)  # a distractor too
+        lengths.add(len(answers))
+        it = task.item(random.Random(seed), filler_from(text)(random.Random(seed)), 240)
+        assert len(it["ids"]) == 240 and it["answers"][0] == 240 - hi  # every prompt has one length
+    assert lengths == set(range(lo, hi + 1))

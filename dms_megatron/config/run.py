@@ -18,7 +18,7 @@ TRAIN_MODES = ("full", "adapter")
 KD_DIRECTIONS = ("student_teacher", "teacher_student")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-RECALL_TASKS = ("mqar", "single")
+RECALL_TASKS = ("mqar", "single", "chain")
 
 
 @dataclass

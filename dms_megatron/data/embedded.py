@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 from dms_megatron.data.corpus import stdlib_texts
 from dms_megatron.data.indexed import write_indexed
-from dms_megatron.data.recall import TASKS, RecallTask, filler_from
+from dms_megatron.data.recall import RecallTask, filler_from, make_task
 from dms_megatron.data.tokenizer import load_tokenizer
 from dms_megatron.progress import fmt_duration, rate_and_left, say, stop_raises
 
@@ -178,7 +178,7 @@ def _build_refit_data(out: Path, teacher: Path, recall: str, seq_length: int, lo
     """Both splits into ``out``, a progress line (rate, time left) after each; the work is about proportional to
     the characters tokenised."""
     tok = load_tokenizer(teacher)
-    task = RecallTask(tok, TASKS[recall])
+    task = make_task(tok, recall)
     total, done, t0 = sum(s[2] for s in SPLITS), 0, time.time()
     log(f"building the re-fit data once into {out.parent}: {total / 1e6:.1f}M characters of stdlib text + recall "
         f"documents (seconds)")

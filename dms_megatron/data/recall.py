@@ -11,6 +11,14 @@ statements (an induction pattern: "what came after this key last time") and a ca
 "single": one statement ``<|kv|> <|k0|> value`` (a fixed marker key) recalled after a long filler; the answer is the
 only value symbol in the context, so a model can find it by token type alone.
 
+"chain" (chained recall with written hops, the hyper-scaling task): statements ``<|kv|> a b`` whose targets are keys
+themselves, forming a chain ``c0 -> c1 -> ... -> c_{n-1} -> value`` and a distractor chain of other keys ending in
+another value, stated in a random order among filler. The question ``<|q|> c0`` is answered by writing every
+intermediate key and then the value: n answer tokens for n hops, each needing the statement whose source is the
+token just written (so a cache must still hold every link), and a length budget below n cuts the chain off.
+
+  filler | <|kv|> c1 c2  filler | <|kv|> d0 d1  filler | <|kv|> c0 c1 ... | tail | <|q|> c0 c1 c2 ... v
+
 An example is a token list plus its answer positions: ``ids[p]`` is an answer, predicted from ``ids[:p]``. Held-out
 items (``write_items`` / ``read_items``) are JSON lines {"ids": [...], "answers": [p, ...]}, all of one length and
 ending with their last answer.
@@ -53,9 +61,35 @@ class RecallSpec:
         return self.prefix[1] + n * (3 + self.gap[1]) + self.tail[1] + 3 * n
 
 
-TASKS: Dict[str, RecallSpec] = {
+@dataclass(frozen=True)
+class ChainSpec:
+    """Shape of a chained-recall example; each (lo, hi) is drawn uniformly per example (inclusive)."""
+
+    hops: Tuple[int, int] = (1, 6)  # statements from the start key to its value (= answer tokens)
+    distractor: Tuple[int, int] = (2, 6)  # statements of the distractor chain
+    gap: Tuple[int, int] = (4, 12)
+    tail: Tuple[int, int] = (16, 40)
+    prefix: Tuple[int, int] = (0, 16)
+
+    def __post_init__(self) -> None:
+        for name in ("hops", "distractor", "gap", "tail", "prefix"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"ChainSpec.{name}={(lo, hi)} must satisfy 0 <= lo <= hi")
+        if self.hops[0] < 1 or self.distractor[0] < 1 or self.hops[1] + self.distractor[1] > NUM_KEYS:
+            raise ValueError(f"ChainSpec: hops {self.hops} and distractor {self.distractor} need at least one "
+                             f"statement each and at most {NUM_KEYS} keys together")
+
+    def longest(self) -> int:
+        """Upper bound of an example's length in tokens (232 for the default)."""
+        n = self.hops[1] + self.distractor[1]
+        return self.prefix[1] + n * 3 + (n - 1) * self.gap[1] + self.tail[1] + 2 + self.hops[1]
+
+
+TASKS: Dict[str, "RecallSpec | ChainSpec"] = {
     "mqar": RecallSpec(),
     "single": RecallSpec(pairs=(1, 1), key_pool=1, gap=(0, 0), tail=(40, 160), prefix=(0, 60)),
+    "chain": ChainSpec(),
 }
 
 
@@ -70,6 +104,8 @@ class RecallTask:
     """Generates recall examples as token ids from a tokenizer that has the task's special tokens."""
 
     def __init__(self, tok, spec: RecallSpec = TASKS["mqar"]):
+        if not isinstance(spec, RecallSpec):
+            raise TypeError(f"RecallTask takes a RecallSpec, not {type(spec).__name__}; use make_task")
         self.spec = spec
         self.kv, self.q, self.eos = _ids(tok, [KV, QUERY, EOS])
         self.keys = _ids(tok, [f"<|k{i}|>" for i in range(NUM_KEYS)])
@@ -110,6 +146,51 @@ class RecallTask:
             raise ValueError(f"a recall example of {len(toks)} tokens does not fit {length}")
         front = length - len(toks)
         return {"ids": filler(front) + toks, "answers": [a + front for a in answers]}
+
+
+class ChainTask(RecallTask):
+    """Chained-recall examples (``ChainSpec``); documents and items as for ``RecallTask``. An item's answers are its
+    hops: ``ids[answers[0] - 1]`` is the start key, ``ids[answers[-1]]`` the final value."""
+
+    def __init__(self, tok, spec: ChainSpec = TASKS["chain"]):
+        super().__init__(tok, RecallSpec())
+        self.spec = spec
+
+    def example(self, rng: random.Random, filler: Filler, spec: Optional[ChainSpec] = None):
+        s = spec or self.spec
+        n, m = rng.randint(*s.hops), rng.randint(*s.distractor)
+        keys = rng.sample(self.keys, n + m)
+        v_main, v_other = rng.sample(self.values, 2)
+        chain, other = keys[:n] + [v_main], keys[n:] + [v_other]
+        links = [(a, b) for c in (chain, other) for a, b in zip(c, c[1:])]
+        rng.shuffle(links)
+        toks = filler(rng.randint(*s.prefix))
+        for j, (a, b) in enumerate(links):
+            toks += [self.kv, a, b]
+            if j + 1 < len(links):
+                toks += filler(rng.randint(*s.gap))
+        toks += filler(rng.randint(*s.tail)) + [self.q, chain[0]]
+        answers = list(range(len(toks), len(toks) + n))
+        return toks + chain[1:], answers
+
+
+    def item(self, rng: random.Random, filler: Filler, length: int) -> dict:
+        """A held-out item of exactly ``length`` tokens whose prompt (up to and including the start key) always ends
+        at ``length - hops_max``, so the prompts of all items have one length: filler, the example, its hops, then
+        filler. {"ids", "answers"}."""
+        toks, answers = self.example(rng, filler)
+        prompt = length - self.spec.hops[1]
+        front = prompt - answers[0]
+        if front < 0:
+            raise ValueError(f"a chained-recall example with a prompt of {answers[0]} tokens does not fit {length}")
+        ids = filler(front) + toks
+        return {"ids": ids + filler(length - len(ids)), "answers": [a + front for a in answers]}
+
+
+def make_task(tok, name: str) -> RecallTask:
+    """The task object of a named task in ``TASKS``."""
+    spec = TASKS[name]
+    return ChainTask(tok, spec) if isinstance(spec, ChainSpec) else RecallTask(tok, spec)
 
 
 def filler_from(tokens: Sequence[int]) -> Callable[[random.Random], Filler]:
@@ -166,4 +247,4 @@ def answer_accuracy(items: List[dict], predictions: List[List[int]]) -> float:
     return hits / total
 
 
-__all__ = ["RecallSpec", "RecallTask", "TASKS", "filler_from", "write_items", "read_items", "answer_accuracy"]
+__all__ = ["RecallSpec", "RecallTask", "ChainSpec", "ChainTask", "make_task", "TASKS", "filler_from", "write_items", "read_items", "answer_accuracy"]

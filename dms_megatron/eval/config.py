@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from dms_megatron.config import ConfigError, PressConfig, RefitConfig, check_ints, fail, from_dict
+from dms_megatron.config.base import is_int
+from dms_megatron.eval.budget import Hardware
 from dms_megatron.inference.press import PRESSES
 
 
@@ -60,9 +62,47 @@ class EvalConfig:
         return from_dict(cls, d, "eval")
 
 
+@dataclass
+class HyperscaleConfig:
+    """What ``dms-hyperscale`` measures: chained-recall questions answered by W sampled chains of at most L tokens
+    each, for every method of ``eval.methods`` (DMS students at ``eval.crs``, baselines at their budgets), over the
+    grid ``lengths`` x ``widths``. Students, teacher and baseline settings are ``eval``'s (its cached students are
+    reused)."""
+
+    lengths: List[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])  # generation budgets L (tokens per chain)
+    widths: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # parallel chains W per question
+    temperature: float = 1.0
+    items: Optional[int] = 100           # first N held-out questions (null = all)
+    items_file: Optional[str] = None     # JSONL of chained-recall items; null = the embedded teacher's
+    seed: int = 0
+    hardware: Hardware = field(default_factory=Hardware)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("lengths", "widths"):
+            v = getattr(self, name)
+            if not v or not all(is_int(x) for x in v) or sorted(set(v)) != list(v):
+                fail("hyperscale", name, v, "must be a non-empty increasing list of integers >= 1")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or self.temperature < 0:
+            fail("hyperscale", "temperature", self.temperature, "must be a number >= 0 (0: greedy)")
+        if self.items is not None:
+            check_ints("hyperscale", self, ("items",))
+        check_ints("hyperscale", self, ("seed",), lo=0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HyperscaleConfig":
+        d = dict(d)
+        d["eval"] = EvalConfig.from_dict(d.get("eval") or {})
+        return from_dict(cls, d, "hyperscale")
+
+
 def cr_key(cr: float) -> str:
     """The eval.json key of a CR: "4" for 4.0, "2.5" for 2.5."""
     return f"{float(cr):g}"
 
 
-__all__ = ["EvalConfig", "cr_key"]
+__all__ = ["EvalConfig", "HyperscaleConfig", "cr_key"]

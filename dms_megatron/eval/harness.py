@@ -28,10 +28,10 @@ from dms_megatron.inference.engine import Engine, Session
 StepFn = Callable[[int, Session, torch.Tensor], None]  # (position t just fed, session, next-token logits [B, V])
 
 
-def stream(engine: Engine, sequences: Sequence[Sequence[int]], on_step: Optional[StepFn] = None,
-           keep_logits: bool = False):
+def feed(engine: Engine, sequences: Sequence[Sequence[int]], on_step: Optional[StepFn] = None,
+         keep_logits: bool = False):
     """Feed equal-length ``sequences`` [B][L] token by token; ``on_step(t, session, logits)`` after each position.
-    Returns (engine summaries [B], logits [B, L, V] fp32 when ``keep_logits``: the prediction after each token)."""
+    Returns (session, logits [B, L, V] fp32 when ``keep_logits`` else the last position's [B, V])."""
     lengths = {len(s) for s in sequences}
     if len(lengths) != 1 or 0 in lengths:
         raise ValueError(f"stream: sequences must be non-empty and of one length (got lengths {sorted(lengths)})")
@@ -48,7 +48,14 @@ def stream(engine: Engine, sequences: Sequence[Sequence[int]], on_step: Optional
             kept.append(last.float())
         if on_step is not None:
             on_step(t, session, last)
-    return engine.summary(session), (torch.stack(kept, dim=1) if keep_logits else None)
+    return session, (torch.stack(kept, dim=1) if keep_logits else last)
+
+
+def stream(engine: Engine, sequences: Sequence[Sequence[int]], on_step: Optional[StepFn] = None,
+           keep_logits: bool = False):
+    """``feed``, returning (engine summaries [B], logits [B, L, V] fp32 when ``keep_logits`` else None)."""
+    session, logits = feed(engine, sequences, on_step, keep_logits)
+    return engine.summary(session), (logits if keep_logits else None)
 
 
 def _mean(rows: List[dict], key: str) -> float:
@@ -179,5 +186,5 @@ def reads_budget_for(kv_reads: float, layers: int, kv_heads: int, length: int) -
     return lo
 
 
-__all__ = ["stream", "pooled_cr", "stated_position", "resident", "RecallProbe", "recall_metrics", "kl_metrics",
+__all__ = ["feed", "stream", "pooled_cr", "stated_position", "resident", "RecallProbe", "recall_metrics", "kl_metrics",
            "teacher_logits", "budget_for", "reads_budget_for"]

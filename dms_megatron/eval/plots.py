@@ -12,6 +12,8 @@ from typing import Dict, List, Optional
 import matplotlib
 from matplotlib.ticker import FuncFormatter
 
+from dms_megatron.eval.budget import families
+
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
@@ -77,4 +79,41 @@ def pareto_plots(results: dict, out_dir: Path, title: Optional[str] = None) -> L
     return paths
 
 
-__all__ = ["pareto_plots", "pareto_figure", "short_number", "AXES"]
+FRONTIER_AXES = {"peak_tokens": "peak KV tokens of a question's W chains",
+                  "kv_reads": "KV tokens read generating a question's W chains",
+                  "latency_s": "modeled decode latency per question, s"}
+
+
+def frontier_plots(out: dict, out_dir: Path) -> List[Path]:
+    """hyperscale_<axis>.png per budget axis of hyperscale.json: every (L, W[, CR]) point faint, and each method's
+    frontier (the best accuracy at or under each budget) as a step line."""
+    paths = []
+    for axis, label in FRONTIER_AXES.items():
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for fam, entries in families(out["methods"]).items():
+            pts = sorted((r[axis], r["accuracy"]) for e in entries for r in e["rows"])
+            xs, best, ys = [], -1.0, []
+            for x, y in pts:
+                if y > best:
+                    best = y
+                    xs.append(x)
+                    ys.append(y)
+            line, = ax.step(xs + [pts[-1][0]], ys + [ys[-1]], where="post", label=fam,
+                            marker=MARKERS.get(fam.split("@")[0], "x"), markersize=4)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, alpha=0.25, color=line.get_color())
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(short_number))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, p: ""))
+        ax.set_xlabel(label)
+        ax.set_ylabel("majority-vote accuracy (higher is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / f"hyperscale_{axis}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+__all__ = ["pareto_plots", "pareto_figure", "frontier_plots", "short_number", "AXES", "FRONTIER_AXES"]

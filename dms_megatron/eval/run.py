@@ -31,7 +31,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from dms_megatron.checkpoint import TRACKER
 from dms_megatron.config import ConfigError, RefitConfig
-from dms_megatron.data.embedded import TEACHER_DIR, cache_root, heldout_file, read_heldout_text, verify_teacher
+from dms_megatron.data.embedded import (TEACHER_DIR, cache_root, checksums_of, heldout_file, read_heldout_text, sha256,
+                                        verify_teacher)
 from dms_megatron.data.recall import read_items
 from dms_megatron.eval.config import EvalConfig, cr_key
 from dms_megatron.eval.harness import budget_for, kl_metrics, reads_budget_for, recall_metrics, teacher_logits
@@ -78,7 +79,8 @@ def resolve_assets(cfg: EvalConfig) -> EvalAssets:
     r = cfg.refit
     length = cfg.kl_length or r.train.seq_length
     if r.embedded:
-        teacher, version = verify_teacher(), TEACHER_DIR.name
+        teacher = verify_teacher()  # students re-fitted from an older build of the teacher are not reused
+        version = f"{TEACHER_DIR.name}-{sha256(checksums_of(teacher))[:12]}"
         recall = heldout_file(teacher, r.data.recall)
         kl = (heldout_sequences(cfg.valid_prefix, cfg.kl_sequences, length) if cfg.valid_prefix else
               torch.tensor(read_heldout_text(heldout_file(teacher, "text"), cfg.kl_sequences, length)))

@@ -17,6 +17,7 @@ decode (``cr_reads``) and wall times.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -88,6 +89,17 @@ class Engine:
         caches = [kv.new_layer_cache(batch, cfg.num_query_groups, cfg.kv_channels, dtype=self.model.dtype)
                   for _ in range(cfg.num_layers)]
         return Session(caches, torch.zeros(batch, dtype=torch.long), [SequenceMetrics() for _ in range(batch)])
+
+    def fork(self, session: Session, copies: int) -> Session:
+        """A new session of B x ``copies`` sequences: row i of ``session`` becomes rows i * copies ..
+        (i + 1) * copies - 1, each with a copy of its cache and metrics (e.g. W sampled chains continuing one shared
+        prefill); ``session`` is left as it was."""
+        if copies < 1:
+            raise ValueError(f"fork: copies={copies} must be >= 1")
+        caches = [kv.LayerCache(*(t.repeat_interleave(copies, dim=0) for t in (c.k, c.v, c.pos, c.flag, c.score)))
+                  for c in session.caches]
+        metrics = [dataclasses.replace(m) for m in session.metrics for _ in range(copies)]
+        return Session(caches, session.lengths.repeat_interleave(copies), metrics)
 
     def _check_room(self, session: Session, row: int, extra: int, what: str) -> None:
         n = int(session.lengths[row])

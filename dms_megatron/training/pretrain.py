@@ -9,7 +9,7 @@ gradient only when the statements are among few candidates, and short sequences 
 measured: with the example at a random offset instead, the first 500 steps reach 0.34 recall where at the start
 300 steps reach 0.98); then longer sequences with wider gaps; then the full task in full-length sequences, each
 example at a random offset, where ``recall_fraction`` of every batch is recall documents (``single_fraction`` of
-them the single-value variant) and the rest plain text. Every phase has the same tokens per step. Answer tokens
+them the single-value variant, ``chain_fraction`` chained recall with written hops) and the rest plain text. Every phase has the same tokens per step. Answer tokens
 weigh ``answer_weight`` in the loss (a few tokens in 256 would otherwise be ignored).
 """
 
@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from dms_megatron.config import ModelConfig, TrainConfig
-from dms_megatron.data.recall import TASKS, RecallSpec, RecallTask, filler_from
+from dms_megatron.data.recall import TASKS, RecallSpec, filler_from, make_task
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
 from dms_megatron.megatron.model import build_gpt_model, transformer_config
 from dms_megatron.progress import fmt_duration, rate_and_left
@@ -37,7 +37,7 @@ class PretrainRecipe:
     """Everything that determines the teacher (with the tokenizer and the corpus)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int = 5000
+    steps: int = 6000
     batch_size: int = 16
     seq_length: int = 256
     lr: float = 2e-3
@@ -47,8 +47,9 @@ class PretrainRecipe:
     answer_weight: float = 8.0
     # (first step after the phase, sequence length, batch size, gap scale); the last phase runs to the end
     phases: Tuple[Tuple[int, int, int, float], ...] = ((800, 64, 64, 0.0), (1600, 128, 32, 0.5))
-    recall_fraction: float = 0.5
+    recall_fraction: float = 0.6
     single_fraction: float = 0.1
+    chain_fraction: float = 0.35  # of the recall documents (full-task phase only), the rest multi-query recall
     seed: int = 1234
 
     def train_config(self) -> TrainConfig:
@@ -80,7 +81,7 @@ class PretrainBatches:
         self.r = recipe
         self.rng = random.Random(recipe.seed)
         self.filler = filler_from(text_ids)(self.rng)
-        self.tasks = {name: RecallTask(tok, spec) for name, spec in TASKS.items()}
+        self.tasks = {name: make_task(tok, name) for name in TASKS}
 
     def _row(self, n: int, scale: Optional[float]):
         r, rng = self.r, self.rng
@@ -89,7 +90,9 @@ class PretrainBatches:
             return task.document(rng, self.filler, n, scaled_spec(task.spec, scale), at_start=True)
         if rng.random() >= r.recall_fraction:
             return self.filler(n), []
-        return self.tasks["single" if rng.random() < r.single_fraction else "mqar"].document(rng, self.filler, n)
+        u = rng.random()
+        name = "single" if u < r.single_fraction else "chain" if u < r.single_fraction + r.chain_fraction else "mqar"
+        return self.tasks[name].document(rng, self.filler, n)
 
     def batch(self, step: int) -> dict:
         seq, size, scale = phase_at(self.r, step)

@@ -23,7 +23,7 @@ import torch
 from dms_megatron.convert.workflows import build_hf_config, export_tensors
 from dms_megatron.data.corpus import stdlib_texts
 from dms_megatron.data.embedded import HELDOUT_CHARS, TEXT_CHARS, checksums_of, heldout_file, text_ids, write_checksums
-from dms_megatron.data.recall import TASKS, RecallTask, filler_from, write_items
+from dms_megatron.data.recall import TASKS, ChainSpec, filler_from, make_task, write_items
 from dms_megatron.data.tokenizer import train_tokenizer
 from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
 from dms_megatron.progress import signals_deferred
@@ -36,7 +36,7 @@ KL_SEQUENCES = 16
 def heldout_items(tok, stream: List[int], task_name: str, count: int, length: int, seed: int) -> List[dict]:
     """``count`` recall items of a task, ``length`` tokens each, with filler from the held-out text."""
     rng = random.Random(seed)
-    task, filler = RecallTask(tok, TASKS[task_name]), filler_from(stream)(rng)
+    task, filler = make_task(tok, task_name), filler_from(stream)(rng)
     return [task.item(rng, filler, length) for _ in range(count)]
 
 
@@ -51,7 +51,9 @@ def _write_heldout(out: Path, tok, recipe: PretrainRecipe, count: int) -> dict:
     heldout_file(out, "text").parent.mkdir()
     evals = {}
     for i, name in enumerate(TASKS):
-        evals[name] = heldout_items(tok, stream, name, count, recipe.seq_length, recipe.seed + 100 + i)
+        # chained-recall items end early enough for a generated continuation (the hyper-scaling length budget)
+        length = TASKS[name].longest() if isinstance(TASKS[name], ChainSpec) else recipe.seq_length
+        evals[name] = heldout_items(tok, stream, name, count, length, recipe.seed + 100 + i)
         write_items(heldout_file(out, name), evals[name])
     seqs = heldout_text_spans(stream, KL_SEQUENCES, recipe.seq_length, recipe.seed + 200)
     heldout_file(out, "text").write_text(json.dumps({"sequences": seqs}))
