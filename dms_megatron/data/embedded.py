@@ -35,7 +35,7 @@ ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 TEACHER = "tiny_teacher"
 TEACHER_DIR = ASSETS_DIR / TEACHER
 REBUILD = "python tools/build_tiny_teacher.py"
-DATA_VERSION = "refit-data-v1"
+DATA_VERSION = "refit-data-v2"
 TEXT_CHARS = 3_000_000
 HELDOUT_CHARS = 600_000
 
@@ -133,15 +133,23 @@ def text_ids(tok, split: str, chars: int) -> List[int]:
     return out
 
 
-def _documents(tok, stream: List[int], task: RecallTask, recall_docs: int, seq: int, seed: int) -> List[List[int]]:
+def _documents(tok, stream: List[int], tasks: List[RecallTask], recall_docs: int, seq: int,
+               seed: int) -> List[List[int]]:
     """Plain text chunks of ``seq`` tokens plus ``recall_docs`` recall documents of exactly ``seq`` tokens (so
-    megatron's packed samples start at document boundaries and no example is cut), shuffled."""
+    megatron's packed samples start at document boundaries and no example is cut), split evenly over ``tasks``,
+    shuffled."""
     rng = random.Random(seed)
     filler = filler_from(stream)(rng)
     docs = [stream[i:i + seq] for i in range(0, len(stream) - seq, seq)]
-    docs += [task.document(rng, filler, seq)[0] for _ in range(recall_docs)]
+    docs += [tasks[j % len(tasks)].document(rng, filler, seq)[0] for j in range(recall_docs)]
     rng.shuffle(docs)
     return docs
+
+
+def refit_tasks(tok, recall: str) -> List[RecallTask]:
+    """The recall tasks of the re-fit data: the chosen one and chained recall (the shipped teacher was pre-trained
+    on both; a student re-fitted without chains would lose what dms-hyperscale measures)."""
+    return [make_task(tok, name) for name in dict.fromkeys([recall, "chain"])]
 
 
 def ensure_refit_data(recall: str = "mqar", seq_length: int = 256, cache_dir: Optional[str] = None,
@@ -178,12 +186,12 @@ def _build_refit_data(out: Path, teacher: Path, recall: str, seq_length: int, lo
     """Both splits into ``out``, a progress line (rate, time left) after each; the work is about proportional to
     the characters tokenised."""
     tok = load_tokenizer(teacher)
-    task = make_task(tok, recall)
+    tasks = refit_tasks(tok, recall)
     total, done, t0 = sum(s[2] for s in SPLITS), 0, time.time()
     log(f"building the re-fit data once into {out.parent}: {total / 1e6:.1f}M characters of stdlib text + recall "
         f"documents (seconds)")
     for name, split, chars, n, seed in SPLITS:
-        docs = _documents(tok, text_ids(tok, split, chars), task, n, seq_length, seed)
+        docs = _documents(tok, text_ids(tok, split, chars), tasks, n, seq_length, seed)
         write_indexed(out / name, docs, len(tok))
         done += chars
         rate, left = rate_and_left(done, total, time.time() - t0)
@@ -201,5 +209,5 @@ def read_heldout_text(path: Path, count: int, length: int) -> List[List[int]]:
 
 
 __all__ = ["ASSETS_DIR", "TEACHER_DIR", "AssetError", "verify_teacher", "write_checksums", "checksums_of",
-           "ensure_refit_data", "RefitData", "heldout_file", "cache_root", "file_lock", "text_ids",
+           "ensure_refit_data", "refit_tasks", "RefitData", "heldout_file", "cache_root", "file_lock", "text_ids",
            "read_heldout_text", "sha256"]
