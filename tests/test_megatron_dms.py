@@ -96,33 +96,34 @@ def test_a_dms_layer_outside_a_dms_forward_refuses_to_guess_its_mode(megatron_si
 
 
 def test_the_layer_hand_offs_refuse_miswiring():
-    """Decision logits pass self-attention -> core attention once per forward; the adapter reads the layer's input
-    only while the layer holds it."""
-    from dms_megatron.megatron.attention import AdapterInput, DecisionChannel
+    """Decision logits pass self-attention -> core attention once per forward of a layer; the adapter reads the
+    layer's input only while the layer holds it; both through the forward's runtime, keyed by layer."""
+    from dms_megatron.megatron.runtime import DMSRuntime
 
-    ch = DecisionChannel()
+    rt = DMSRuntime(mode="hard")
     with pytest.raises(RuntimeError, match="without decision logits"):
-        ch.receive()
+        rt.take_decisions(1)
     x = torch.ones(2, 1, 1)
-    ch.send(x)
+    rt.send_decisions(1, x)
     with pytest.raises(RuntimeError, match="sent twice"):
-        ch.send(x)
-    assert ch.receive() is x
+        rt.send_decisions(1, x)
+    rt.send_decisions(2, None)  # another layer's slot is its own
+    assert rt.take_decisions(1) is x
     with pytest.raises(RuntimeError, match="without decision logits"):
-        ch.receive()
-    ch.send(None)  # teacher mode: no logits, still exactly one hand-off
-    assert ch.receive() is None
+        rt.take_decisions(1)
+    assert rt.take_decisions(2) is None  # teacher mode: no logits, still exactly one hand-off
 
-    held = AdapterInput()
     with pytest.raises(RuntimeError, match="needs the pre-norm hidden states"):
-        held.get()
-    with held.holding(x):
-        assert held.get() is x
+        rt.layer_input(1)
+    with rt.holding_input(1, x):
+        assert rt.layer_input(1) is x
         with pytest.raises(RuntimeError, match="held twice"):
-            with held.holding(x):
+            with rt.holding_input(1, x):
                 pass
+        with pytest.raises(RuntimeError, match="needs the pre-norm hidden states"):
+            rt.layer_input(2)
     with pytest.raises(RuntimeError, match="needs the pre-norm hidden states"):
-        held.get()
+        rt.layer_input(1)
 
 
 def test_an_adapter_attention_outside_its_dms_layer_refuses_to_run(megatron_single):
