@@ -7,6 +7,7 @@ directory that is renamed into place once complete, and the tracker file is repl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
@@ -23,14 +24,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
+                                                             get_default_save_sharded_strategy)
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
+                                                                       FullyParallelSaveStrategyWrapper)
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from dms_megatron.config import DMSConfig, ModelConfig, from_dict
+from dms_megatron.megatron.compat import cuda_to_cpu_mode
 from dms_megatron.megatron.distributed import rank
 from dms_megatron.megatron.sharding import merge_swiglu_factories, spec_alias
 
@@ -82,8 +86,7 @@ def _dp_group():
 
 def _save_strategy():
     """megatron's fully parallel save at dp > 1: each data-parallel replica writes its share of the replicated
-    tensors instead of dp rank 0 writing them all (None: the default strategy). Loads use the default strategy:
-    megatron's fully parallel load wrapper failed on CPU/gloo at dp 2 (a rank exits while loading)."""
+    tensors instead of dp rank 0 writing them all (None: the default strategy)."""
     group = _dp_group()
     return None if group is None else FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
 
@@ -302,10 +305,23 @@ def damaged_files(d: Path) -> List[str]:
     return out
 
 
+def _load_strategy(d: Path):
+    """megatron's fully parallel load at dp > 1: each data-parallel replica reads its share of the replicated tensors
+    and the replicas exchange them (None: the default strategy, every rank reads all it needs)."""
+    group = _dp_group()
+    if group is None:
+        return None
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(d)), group)
+
+
 def _load(d: Path, state: dict, strict: bool) -> dict:
+    strategy = _load_strategy(d)
     try:
-        return dist_checkpointing.load(state, str(d),
-                                       strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_ALL)
+        # the fully parallel exchange allocates its buffers on "cuda": on a CPU host that means CPU (compat shim)
+        with cuda_to_cpu_mode() if strategy is not None else contextlib.nullcontext():
+            return dist_checkpointing.load(state, str(d), sharded_strategy=strategy,
+                                           strict=StrictHandling.RAISE_UNEXPECTED if strict else
+                                           StrictHandling.LOG_ALL)
     except CheckpointError:
         raise
     except (Exception, DCPException) as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
