@@ -35,7 +35,7 @@ ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 TEACHER = "tiny_teacher"
 TEACHER_DIR = ASSETS_DIR / TEACHER
 REBUILD = "python tools/build_tiny_teacher.py"
-DATA_VERSION = "refit-data-v2"
+DATA_VERSION = "refit-data-v1"
 TEXT_CHARS = 3_000_000
 HELDOUT_CHARS = 600_000
 
@@ -146,10 +146,12 @@ def _documents(tok, stream: List[int], tasks: List[RecallTask], recall_docs: int
     return docs
 
 
-def refit_tasks(tok, recall: str) -> List[RecallTask]:
-    """The recall tasks of the re-fit data: the chosen one and chained recall (the shipped teacher was pre-trained
-    on both; a student re-fitted without chains would lose what dms-hyperscale measures)."""
-    return [make_task(tok, name) for name in dict.fromkeys([recall, "chain"])]
+def refit_tasks(tok, recall: str, teacher: Path) -> List[RecallTask]:
+    """The recall tasks of the re-fit data: the chosen one, and chained recall when the teacher was pre-trained on
+    it (it ships held-out chained-recall items): a student re-fitted without chains would lose what dms-hyperscale
+    measures."""
+    names = [recall] + (["chain"] if heldout_file(teacher, "chain").is_file() else [])
+    return [make_task(tok, name) for name in dict.fromkeys(names)]
 
 
 def ensure_refit_data(recall: str = "mqar", seq_length: int = 256, cache_dir: Optional[str] = None,
@@ -186,7 +188,7 @@ def _build_refit_data(out: Path, teacher: Path, recall: str, seq_length: int, lo
     """Both splits into ``out``, a progress line (rate, time left) after each; the work is about proportional to
     the characters tokenised."""
     tok = load_tokenizer(teacher)
-    tasks = refit_tasks(tok, recall)
+    tasks = refit_tasks(tok, recall, teacher)
     total, done, t0 = sum(s[2] for s in SPLITS), 0, time.time()
     log(f"building the re-fit data once into {out.parent}: {total / 1e6:.1f}M characters of stdlib text + recall "
         f"documents (seconds)")

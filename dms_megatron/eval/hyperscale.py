@@ -39,6 +39,9 @@ BASELINES = ("tova", "h2o", "streamingllm", "quest")
 def chain_items(cfg: HyperscaleConfig, teacher: Path) -> List[dict]:
     """The held-out chained-recall questions: prompt (up to the start key) of one length for all, hops, answer."""
     path = Path(cfg.items_file) if cfg.items_file else heldout_file(teacher, "chain")
+    if not cfg.items_file and not path.is_file():
+        raise ConfigError(f"the teacher {teacher} ships no chained-recall questions ({path}): it predates the task; "
+                          f"rebuild it with tools/build_tiny_teacher.py or give hyperscale.items_file")
     items = read_items(path, cfg.items)
     prompts = {it["answers"][0] for it in items}
     if len(prompts) != 1:
