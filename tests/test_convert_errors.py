@@ -50,8 +50,8 @@ def _import_error(tmp_path, src, capsys, out_name="meg"):
 
 
 def test_unknown_architecture(tmp_path, hf_dir, capsys):
-    src = _copy(hf_dir, tmp_path / "src", edit_config=lambda c: c.update(architectures=["MistralForCausalLM"]))
-    assert "unknown architecture ['MistralForCausalLM']" in _import_error(tmp_path, src, capsys)
+    src = _copy(hf_dir, tmp_path / "src", edit_config=lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    assert "unknown architecture ['GPT2LMHeadModel']" in _import_error(tmp_path, src, capsys)
 
 
 @pytest.mark.parametrize("family,key", [(n, k) for n, f in FAMILIES.items() for k in f.refused])

@@ -19,6 +19,7 @@ NAMES = (
     "llama",
     "qwen2",
     "qwen3",
+    "mistral",
 )
 FAMILIES: Dict[str, Family] = {name: import_module(f"{__package__}.{name}").FAMILY for name in NAMES}
 
