@@ -22,7 +22,7 @@ import torch
 
 from dms_megatron.config import DMSConfig, ModelConfig
 from dms_megatron.inference import DecoderModel, Engine, make_press
-from dms_megatron.convert.families import hf_tensor_shapes
+from dms_megatron.convert.mapping import hf_tensor_shapes
 from dms_megatron.eval.harness import pooled_cr
 
 KEEP_EVERY = 9       # one token in 9 survives eviction -> CR ~ 8 at 4K with window 16

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+import transformers
+
+from dms_megatron.families import FAMILIES as REGISTRY
 
 # Sizes: GQA (4 query heads, 2 KV heads), head_dim 16, vocab not a multiple of the padding (padding is exercised).
 HF_LAYERS = 2
@@ -16,28 +19,33 @@ HF_MAX_POS = 16384      # > 8192 so llama3 RoPE scaling is a valid config
 SEQ = 12
 BATCH = 2
 QWEN3_HEAD_DIM = 24     # Qwen3 decouples head_dim from hidden/heads
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+#: every registered family: the conversion, inference and re-fit tests run over each
+FAMILIES = tuple(REGISTRY)
+#: what a family's tiny model sets beyond the shared sizes and the family's fixed config.json keys, to exercise
+#: what its checkpoints use (a family not listed needs nothing more)
+VARIANTS = {
+    "llama": dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),  # llama3 RoPE scaling unless rope_llama3=False
+    "qwen2": dict(rope_theta=1000000.0),
+    "qwen3": dict(head_dim=QWEN3_HEAD_DIM, rope_theta=1000000.0),
+}
+# every family's transformers modeling code, imported before megatron's CPU compat layer is applied
+MODEL_CLASSES = {name: getattr(transformers, f.architecture) for name, f in REGISTRY.items()}
 
 
 def hf_config(family: str, *, tied: bool = False, rope_llama3: bool = True, **over):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
-    common = dict(num_hidden_layers=HF_LAYERS, hidden_size=HF_HIDDEN, intermediate_size=HF_FFN,
-                  num_attention_heads=HF_HEADS, num_key_value_heads=HF_KV_HEADS, vocab_size=HF_VOCAB,
-                  max_position_embeddings=HF_MAX_POS, rms_norm_eps=1e-6, tie_word_embeddings=tied)
-    common.update(over)
-    if family == "llama":
-        rope = dict(rope_theta=500000.0)
-        if rope_llama3:
-            rope["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        return LlamaConfig(**common, **rope)
-    if family == "qwen2":
-        return Qwen2Config(**common, rope_theta=1000000.0)
-    if family == "qwen3":
-        return Qwen3Config(**{"head_dim": QWEN3_HEAD_DIM, "rope_theta": 1000000.0, **common})  # head_dim may be set
-    raise ValueError(family)
+    """A transformers config of ``family`` (its own config class) with the test sizes."""
+    fam = REGISTRY[family]
+    kw = dict(fam.hf_fixed, num_hidden_layers=HF_LAYERS, hidden_size=HF_HIDDEN, intermediate_size=HF_FFN,
+              num_attention_heads=HF_HEADS, num_key_value_heads=HF_KV_HEADS, vocab_size=HF_VOCAB,
+              max_position_embeddings=HF_MAX_POS, rms_norm_eps=1e-6, tie_word_embeddings=tied)
+    kw.update(VARIANTS.get(family, {}))
+    if not rope_llama3:
+        kw.pop("rope_scaling", None)
+    kw.update(over)
+    return transformers.AutoConfig.for_model(fam.model_type, **kw)
 
 
 def make_hf_model(family: str, seed: int = 0, **kw):

@@ -5,16 +5,16 @@ from __future__ import annotations
 import torch
 
 from convert_fixtures import HF_DIVISIBLE_BY, HF_VOCAB, make_hf_model
-from dms_megatron.config import DMSConfig
+from dms_megatron.config import DMSConfig, ModelConfig
 
 WINDOW = 3               # small window so eviction happens within a dozen tokens
 ADAPTER_STD = 0.05       # adapter projection init: logits * 100 spread over both signs
 
 
 def model_config(hf_model, family):
-    from dms_megatron.convert import family_by_name
-
-    return family_by_name(family).from_hf(hf_model.config.to_dict(), HF_DIVISIBLE_BY)
+    mc = ModelConfig.from_hf(hf_model.config.to_dict(), HF_DIVISIBLE_BY)
+    assert mc.family == family
+    return mc
 
 
 def dms_student(family: str, alpha_source: str = "qneuron", alpha_per: str = "head", seed: int = 0,

@@ -3,6 +3,7 @@
 import pytest
 
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig, RefitConfig, from_dict
+from dms_megatron.families import FAMILIES
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -35,6 +36,7 @@ def test_kv_heads_must_divide_heads():
 def test_model_config_other_errors():
     with pytest.raises(ConfigError, match="model.family"):
         ModelConfig(family="gpt2")
+    assert [ModelConfig(family=name).family for name in FAMILIES] == list(FAMILIES)  # every registered family
     with pytest.raises(ConfigError, match="kv_channels"):
         ModelConfig(hidden_size=100, num_attention_heads=3, num_query_groups=1)
 

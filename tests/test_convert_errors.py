@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 import transformers.models.llama.modeling_llama  # noqa: F401  (imported before megatron's CPU compat layer)
 from convert_fixtures import HF_DIVISIBLE_BY, make_hf_model, save_hf_model
 
+from dms_megatron.families import FAMILIES
+
 from dms_megatron.launch.convert import main
 from dms_megatron.convert.hf_io import ConversionError, SafetensorsReader
 
@@ -48,8 +50,17 @@ def _import_error(tmp_path, src, capsys, out_name="meg"):
 
 
 def test_unknown_architecture(tmp_path, hf_dir, capsys):
-    src = _copy(hf_dir, tmp_path / "src", edit_config=lambda c: c.update(architectures=["MistralForCausalLM"]))
-    assert "unknown architecture ['MistralForCausalLM']" in _import_error(tmp_path, src, capsys)
+    src = _copy(hf_dir, tmp_path / "src", edit_config=lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    assert "unknown architecture ['GPT2LMHeadModel']" in _import_error(tmp_path, src, capsys)
+
+
+@pytest.mark.parametrize("family,key", [(n, k) for n, f in FAMILIES.items() for k in f.refused])
+def test_a_setting_the_family_refuses_is_named(tmp_path, capsys, family, key):
+    """Every config.json setting a registered family refuses (sliding windows, biases it has no weights for)."""
+    save_hf_model(make_hf_model(family), tmp_path / "hf")
+    src = _copy(tmp_path / "hf", tmp_path / "src", edit_config=lambda c: c.update({key: True}))
+    err = _import_error(tmp_path, src, capsys)
+    assert f"{family} config.json: {key}=true" in err and "not supported" in err
 
 
 def test_missing_tensor_is_named(tmp_path, hf_dir, capsys):

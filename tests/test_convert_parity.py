@@ -12,7 +12,7 @@ import transformers.models.qwen3.modeling_qwen3  # noqa: F401
 from convert_fixtures import (FAMILIES, HF_DIVISIBLE_BY, HF_VOCAB, make_hf_model, save_hf_model, tokens)
 
 from dms_megatron.config import DMSConfig
-from dms_megatron.convert.mapping import FusedQKV, GatedMLP
+from dms_megatron.families.rules import FusedQKV, GatedMLP
 
 ATOL = 2e-5             # fp32, different kernels (eager HF vs megatron local spec)
 LONG_SEQ = 1024         # relative distances at which llama3 RoPE scaling changes the low frequencies visibly

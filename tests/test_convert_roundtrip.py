@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import transformers.models.llama.modeling_llama  # noqa: F401  (imported before megatron's CPU compat layer)
 import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 import transformers.models.qwen3.modeling_qwen3  # noqa: F401
-from convert_fixtures import HF_DIVISIBLE_BY, HF_HIDDEN, HF_KV_HEADS, HF_LAYERS, make_hf_model, \
+from convert_fixtures import FAMILIES, HF_DIVISIBLE_BY, HF_HIDDEN, HF_KV_HEADS, HF_LAYERS, make_hf_model, \
     save_hf_model, tokens
 
 from dms_megatron.config import DMSConfig
@@ -52,7 +52,8 @@ def _assert_byte_identical(a_dir, b_dir):
         assert a[k].view(torch.uint8).equal(b[k].view(torch.uint8)), k
 
 
-@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", False), ("qwen3", True)])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tied", [False, True])
 def test_hf_megatron_hf_round_trip_is_byte_identical(megatron_single, tmp_path, family, tied):
     from transformers import AutoModelForCausalLM
 

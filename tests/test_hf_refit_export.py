@@ -1,5 +1,5 @@
 """The user journey: HF model -> (dms-convert import, or the HF dir itself) -> dms-refit (adapter) -> dms-convert
-export -> transformers computes the re-fitted student."""
+export -> transformers computes the re-fitted student, for every registered model family."""
 
 import json
 from dataclasses import asdict
@@ -7,14 +7,15 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from convert_fixtures import make_hf_model, save_hf_model
+from convert_fixtures import FAMILIES, make_hf_model, save_hf_model
 from refit_fixtures import SEQ, build_assets, refit_dict, run_refit
 
 HF_VOCAB_FOR_TOKENIZER = 320  # >= the 300-token test tokenizer
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("init", ["imported", "hf_dir"])
-def test_import_refit_export_round_trip(megatron_single, tmp_path, init):
+def test_import_refit_export_round_trip(megatron_single, tmp_path, init, family):
     from transformers import AutoModelForCausalLM
 
     from dms_megatron.checkpoint import load_checkpoint, read_checkpoint_configs
@@ -24,7 +25,7 @@ def test_import_refit_export_round_trip(megatron_single, tmp_path, init):
     from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 
     assets = build_assets(tmp_path / "assets")
-    save_hf_model(make_hf_model("qwen3", vocab_size=HF_VOCAB_FOR_TOKENIZER), tmp_path / "hf")
+    save_hf_model(make_hf_model(family, vocab_size=HF_VOCAB_FOR_TOKENIZER), tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer_note.txt").write_text("a side file that must travel with the weights\n")
     assert convert(["import", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "meg")]) == 0
     mc = read_checkpoint_configs(tmp_path / "meg")[0]

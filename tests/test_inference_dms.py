@@ -76,8 +76,8 @@ def test_teacher_forced_decode_equals_hard_mask_forward(family, source, per):
 def test_decode_matches_independent_reference_decoder():
     """The coordinator's plain reference (megatron names, python-list cache) agrees on logits and on resident counts."""
     from reference_decoder import ReferenceDecoder
-    from dms_megatron.convert import family_by_name
-    from dms_megatron.convert.mapping import bind_rules
+    from dms_megatron.families import family_by_name
+    from dms_megatron.families.rules import bind_rules
 
     sd, mc, dms = dms_student("qwen3", "qneuron")
     meg = {b.megatron: b.rule.transform.to_megatron([sd[n] for n in b.hf], mc)

@@ -7,6 +7,7 @@ from conftest import TINY_SEQ, TINY_VOCAB, tiny_model_config
 from reference_decoder import ReferenceDecoder
 
 from dms_megatron.config import DMSConfig
+from dms_megatron.families import FAMILIES
 from dms_megatron.core.losses import compression_loss
 
 BATCH = 2
@@ -49,16 +50,9 @@ def _student_from(stock, model_cfg, dms_cfg):
     return student
 
 
-FAMILIES = {
-    "llama": {},
-    "qwen2": {"family": "qwen2", "add_qkv_bias": True},
-    "qwen3": {"family": "qwen3", "qk_layernorm": True},
-}
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_stock_megatron_matches_reference_decoder(megatron_single, family):
-    cfg = tiny_model_config(**FAMILIES[family])
+    cfg = tiny_model_config(**FAMILIES[family].config_fields())
     stock = _build(cfg, None)
     if cfg.add_qkv_bias:  # megatron zero-initialises biases: make them matter
         with torch.no_grad():
@@ -74,7 +68,7 @@ def test_stock_megatron_matches_reference_decoder(megatron_single, family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("source", ["qneuron", "adapter"])
 def test_teacher_runtime_mode_equals_stock_model(megatron_single, family, source):
-    cfg = tiny_model_config(**FAMILIES[family])
+    cfg = tiny_model_config(**FAMILIES[family].config_fields())
     stock = _build(cfg, None)
     from dms_megatron.megatron.runtime import DMSRuntime
 

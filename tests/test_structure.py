@@ -9,7 +9,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "dms_megatron"
 # bottom (0) to top; a module may import its own layer and the layers below
-LAYERS = {"core": 0, "config": 1, "megatron": 2, "data": 2, "checkpoint": 3, "convert": 3, "training": 4,
+LAYERS = {"core": 0, "families": 0, "config": 1, "megatron": 2, "data": 2, "checkpoint": 3, "convert": 3, "training": 4,
           "inference": 4, "eval": 5, "launch": 6}
 # imports a function may make lazily, each because the package must work without it
 OPTIONAL = {"triton", "transformer_engine", "flash_attn", "wandb"}

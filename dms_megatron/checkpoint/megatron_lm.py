@@ -20,6 +20,7 @@ from megatron.core import dist_checkpointing
 from dms_megatron.checkpoint.store import (CheckpointError, load_model_weights, read_checkpoint_configs, read_common,
                                            resolve_checkpoint)
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
+from dms_megatron.families import family_for_block
 
 #: what this project's decoder is; a Megatron-LM model that differs cannot load into it
 SUPPORTED = {"normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False, "position_embedding_type": "rope",
@@ -48,7 +49,7 @@ def model_config_from_args(args: Namespace, like: Optional[ModelConfig] = None) 
     heads = args.num_attention_heads
     vocab = g("vocab_size") or (like.vocab_size if like is not None else args.padded_vocab_size)
     qk_norm, qkv_bias = bool(g("qk_layernorm", False)), bool(g("add_qkv_bias", False))
-    family = like.family if like is not None else "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
+    family = like.family if like is not None else family_for_block(qkv_bias, qk_norm).name
     mc = ModelConfig(
         family=family, num_layers=args.num_layers, hidden_size=args.hidden_size,
         ffn_hidden_size=g("ffn_hidden_size") or 4 * args.hidden_size, num_attention_heads=heads,

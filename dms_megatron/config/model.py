@@ -1,8 +1,5 @@
-"""Architecture of a decoder-only transformer (Llama / Qwen2 / Qwen3 family) and the family registry.
-
-``FAMILIES`` is the one list of supported families: ``dms_megatron.convert.<name>`` holds each family's HF <->
-megatron weight mapping and config translation, which the converter and the inference decoder both read.
-"""
+"""Architecture of a decoder-only transformer of one of the registered model families (``dms_megatron.families``,
+one file each: its block, HF names, weight rules and config.json translation)."""
 
 from __future__ import annotations
 
@@ -10,8 +7,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dms_megatron.config.base import ConfigError, check_choice, check_ints, fail
+from dms_megatron.families import FAMILIES, family_for_hf_config
 
-FAMILIES = ("llama", "qwen2", "qwen3")
 SPECS = ("local", "te")
 
 
@@ -25,7 +22,7 @@ class ModelConfig:
         needs the ``[gpu]`` extra). Not part of the architecture: the same weights load into either.
     """
 
-    family: str = "llama"
+    family: str = "llama"  # a key of dms_megatron.families.FAMILIES
     num_layers: int = 4
     hidden_size: int = 192
     ffn_hidden_size: int = 512
@@ -67,6 +64,12 @@ class ModelConfig:
         if self.rope_scaling not in (None, "llama3"):
             fail(s, "rope_scaling", self.rope_scaling, "allowed values: null, llama3")
 
+    @classmethod
+    def from_hf(cls, hf: dict, divisible_by: int, source: str = "config.json") -> "ModelConfig":
+        """The architecture of a Hugging Face config.json dict, read by its family (found from ``architectures``,
+        else ``model_type``); ConversionError for an unknown family or a setting it refuses."""
+        return cls(**family_for_hf_config(hf, source).from_hf(hf), make_vocab_size_divisible_by=divisible_by)
+
     @property
     def gqa_factor(self) -> int:
         return self.num_attention_heads // self.num_query_groups
@@ -92,4 +95,4 @@ def check_same_arch(a: ModelConfig, b: ModelConfig, where: str) -> None:
         raise ConfigError(f"model config does not match {where}: " + "; ".join(diff))
 
 
-__all__ = ["ModelConfig", "FAMILIES", "SPECS", "ARCH_FIELDS", "check_same_arch"]
+__all__ = ["ModelConfig", "SPECS", "ARCH_FIELDS", "check_same_arch"]

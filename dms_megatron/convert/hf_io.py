@@ -18,6 +18,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from dms_megatron.families import ConversionError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -29,10 +31,8 @@ ST_TO_TORCH = {
     "BOOL": torch.bool,
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
-
-
-class ConversionError(RuntimeError):
-    """A checkpoint cannot be converted; the one-line message names the tensor / file / field and the fix."""
+#: dtype names of the converter's --dtype flags and of HF config.json's torch_dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -268,5 +268,5 @@ def finalize_output(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-__all__ = ["ConversionError", "SafetensorsReader", "PlannedTensor", "write_safetensors_streaming", "read_config",
+__all__ = ["ConversionError", "DTYPES", "SafetensorsReader", "PlannedTensor", "write_safetensors_streaming", "read_config",
            "plan_shards", "iter_side_files", "check_output_dir", "finalize_output", "TensorInfo"]

@@ -11,11 +11,11 @@ import torch
 from megatron.core import parallel_state as ps
 
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
-from dms_megatron.convert.families import family_for_hf_config, uses_adapter
 from dms_megatron.convert.hf_io import ConversionError, SafetensorsReader, read_config
-from dms_megatron.convert.mapping import (TP_ROWS, BoundRule, VocabPad, bind_rules, dms_from_hf, pp_layer_range,
-                                          tp_shard, validate_hf_tensors)
+from dms_megatron.convert.mapping import dms_from_hf, pp_layer_range, tp_shard, uses_adapter, validate_hf_tensors
 from dms_megatron.convert.progress import ByteProgress
+from dms_megatron.families import family_by_name
+from dms_megatron.families.rules import TP_ROWS, BoundRule, VocabPad, bind_rules
 
 DEFAULT_DIVISIBLE_BY = 128
 
@@ -32,21 +32,22 @@ def read_hf_model(hf_dir, *, tp: int = 1, divisible_by: int = DEFAULT_DIVISIBLE_
     ``tp`` the padded vocab is a multiple of ``divisible_by * tp`` (``ModelConfig.padded_vocab_size``).
     """
     hf = read_config(hf_dir)
-    fam = family_for_hf_config(hf, f"{Path(hf_dir) / 'config.json'}")
     try:
-        mc = fam.from_hf(hf, divisible_by)
+        mc = ModelConfig.from_hf(hf, divisible_by, f"{Path(hf_dir) / 'config.json'}")
         dms = dms_from_hf(hf)
     except ConfigError as e:
         raise ConversionError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
+    fam = family_by_name(mc.family)
     reader = SafetensorsReader(hf_dir)
     bound = bind_rules(fam.rules, mc, adapter=uses_adapter(dms))
     available = {n: (i.shape, i.dtype) for n, i in reader.infos.items()}
-    if mc.tie_embeddings and "lm_head.weight" in available:
+    head, embed = fam.names.weight("head"), fam.names.weight("embed")
+    if mc.tie_embeddings and head in available:
         # Some tied checkpoints also store the head; accept it only if it really is the embedding.
-        if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
-            raise ConversionError(f"{hf_dir}: tie_word_embeddings=true but lm_head.weight differs from "
-                                  f"model.embed_tokens.weight; set tie_word_embeddings=false in config.json")
-        del available["lm_head.weight"]
+        if not torch.equal(reader.get(head), reader.get(embed)):
+            raise ConversionError(f"{hf_dir}: tie_word_embeddings=true but {head} differs from {embed}; set "
+                                  f"tie_word_embeddings=false in config.json")
+        del available[head]
     validate_hf_tensors(bound, available, str(hf_dir))
     return fam, mc, dms, hf, reader, bound
 

@@ -25,13 +25,13 @@ import torch.distributed as dist
 from dms_megatron.checkpoint import CheckpointError, checkpoints_dir, save_checkpoint
 from dms_megatron.checkpoint.megatron_lm import checkpoint_configs, load_weights
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
-from dms_megatron.convert.families import DTYPES, family_by_name, uses_adapter
-from dms_megatron.convert.hf_io import (ConversionError, check_output_dir, finalize_output, iter_side_files,
+from dms_megatron.convert.hf_io import (DTYPES, ConversionError, check_output_dir, finalize_output, iter_side_files,
                                         write_safetensors_streaming)
 from dms_megatron.convert.hf_model import DEFAULT_DIVISIBLE_BY, load_hf_into_model, read_hf_model, uses_te_names
-from dms_megatron.convert.mapping import (DMS_AUTO_MAP, ExportProducer, bind_rules, dms_to_hf, export_plan,
-                                          pp_layer_range)
+from dms_megatron.convert.mapping import ExportProducer, dms_to_hf, export_plan, pp_layer_range, uses_adapter
 from dms_megatron.convert.progress import ByteProgress
+from dms_megatron.families import FAMILIES, family_by_name
+from dms_megatron.families.rules import bind_rules
 from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups, rank
 from dms_megatron.megatron.model import build_gpt_model, transformer_config
 
@@ -123,7 +123,8 @@ def _hf_dtype_name(hf: dict) -> Optional[str]:
 
 def build_hf_config(mc: ModelConfig, dms: Optional[DMSConfig], fmt: str, dtype: str, base: Optional[dict]) -> dict:
     """config.json for an export: the original HF config (if recorded and of the same family) overlaid with the
-    architecture from ``mc``; ``fmt="dms"`` adds the official Qwen3-DMS keys, ``"plain"`` strips any DMS keys."""
+    architecture from ``mc``; ``fmt="dms"`` adds the official DMS keys (and, for a family with official DMS
+    modeling code, its ``auto_map``), ``"plain"`` strips any DMS keys."""
     fam = family_by_name(mc.family)
     cfg = dict(base or {})
     if cfg and cfg.get("model_type") != fam.model_type:
@@ -138,9 +139,9 @@ def build_hf_config(mc: ModelConfig, dms: Optional[DMSConfig], fmt: str, dtype: 
             raise ConversionError("--format dms: the checkpoint records no dms_config (a plain model); "
                                   "use --format plain")
         cfg.update(dms_to_hf(dms))
-        if fam.name == "qwen3":  # the official DMS modeling code exists for Qwen3 (loaded with trust_remote_code)
+        if fam.dms_auto_map:  # the family's official DMS modeling code (loaded with trust_remote_code)
             cfg.pop("architectures", None)
-            cfg["auto_map"] = dict(DMS_AUTO_MAP)
+            cfg["auto_map"] = dict(fam.dms_auto_map)
     return cfg
 
 
@@ -184,8 +185,9 @@ def check_modeling_code(config: dict, modeling_code: Optional[Path]) -> List[Pat
                   f"trust_remote_code=True) can load it", file=sys.stderr)
         return []
     if not needed:
-        raise ConversionError("--modeling-code: this export has no auto_map (only --format dms of a Qwen3 model "
-                              "loads through remote code)")
+        coded = ", ".join(f.name for f in FAMILIES.values() if f.dms_auto_map)
+        raise ConversionError(f"--modeling-code: this export has no auto_map (only --format dms of a model of a "
+                              f"family with official DMS modeling code ({coded}) loads through remote code)")
     missing = [n for n in needed if not (Path(modeling_code) / n).is_file()]
     if missing:
         raise ConversionError(f"--modeling-code {modeling_code} lacks {', '.join(missing)} (the export's auto_map "

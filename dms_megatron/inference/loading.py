@@ -11,10 +11,11 @@ import torch
 from dms_megatron.checkpoint import CheckpointError, checkpoints_dir
 from dms_megatron.checkpoint.megatron_lm import checkpoint_configs, load_weights
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
-from dms_megatron.convert.families import family_by_name, uses_adapter
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model, uses_te_names
-from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ExportProducer, bind_rules
+from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ExportProducer, uses_adapter
+from dms_megatron.families import family_by_name
+from dms_megatron.families.rules import bind_rules
 from dms_megatron.inference.model import DecoderModel, ModelLoadError
 from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
 from dms_megatron.megatron.model import build_gpt_model, transformer_config

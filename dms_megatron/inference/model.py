@@ -1,4 +1,5 @@
-"""A compact pure-torch decoder (Llama / Qwen2 / Qwen3) that runs from a Hugging-Face-named state dict.
+"""A compact pure-torch decoder of any registered model family that runs from a Hugging-Face-named state dict: the
+family (``dms_megatron.families``) names its tensors and describes its block (norm, MLP activation, biases, q/k norms).
 
 The model does not own a KV cache: ``forward`` calls ``attend(layer, q, k, v, decisions)`` for every layer, so the
 engine (``engine.py``) decides which keys each query sees (vanilla cache, DMS delayed eviction, baselines).
@@ -9,13 +10,14 @@ Query heads are group-major: query head j belongs to KV head j // g.
 DMS decisions (``dms`` set), one logit per (token, KV head), > 0 = evict the previous token:
   qneuron: q_norm(q)[first head of each group, -1] * alpha_scale - alpha_offset, that neuron zeroed before and
            after RoPE (it carries no attention signal);
-  adapter: Linear(RMSNorm(pre-norm residual)) * alpha_scale - alpha_offset with tensors
-           model.layers.{i}.self_attn.dms_proj_alpha_norm.weight [h] and .dms_proj_alpha.weight [ng, h].
+  adapter: Linear(RMSNorm(pre-norm residual)) * alpha_scale - alpha_offset with the family's tensors
+           dms_alpha_norm [h] and dms_alpha_proj [ng, h] (model.layers.{i}.self_attn.dms_proj_alpha(_norm)).
   alpha_per="layer": KV head 0's logit applies to every head of the layer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Optional
 
@@ -23,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from dms_megatron.config import DMSConfig, ModelConfig
-from dms_megatron.convert.families import family_by_name, uses_adapter
 from dms_megatron.convert.hf_io import ConversionError
-from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES, bind_rules, validate_hf_tensors
+from dms_megatron.convert.mapping import IGNORED_HF_SUFFIXES, uses_adapter, validate_hf_tensors
 from dms_megatron.core.gating import (apply_alpha_per, projection_decision_logits, qneuron_decision_logits,
                                       zero_borrowed_neuron)
-from dms_megatron.core.norms import rms_norm
 from dms_megatron.core.rope import apply_rope, rope_inv_freq
+from dms_megatron.families import family_by_name
+from dms_megatron.families.block import ACTIVATIONS, NORMS
+from dms_megatron.families.rules import bind_rules
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -49,15 +52,18 @@ def check_state_dict(cfg: ModelConfig, dms: Optional[DMSConfig], sd: Dict[str, t
 
 
 class DecoderModel(torch.nn.Module):
-    """Llama/Qwen2/Qwen3 decoder over HF tensor names; ``dms`` adds eviction decisions (None: the plain model)."""
+    """A decoder of family ``cfg.family`` over its HF tensor names; ``dms`` adds eviction decisions (None: the plain
+    model)."""
 
     def __init__(self, cfg: ModelConfig, state_dict: Dict[str, torch.Tensor], dms: Optional[DMSConfig] = None,
                  dtype: torch.dtype = torch.float32, source: str = "state dict") -> None:
         super().__init__()
         self.cfg, self.dms, self.dtype = cfg, dms, dtype
+        family = family_by_name(cfg.family)
+        self.names, self.norm, self.act = family.names, NORMS[family.block.norm], ACTIVATIONS[family.block.activation]
         sd = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_HF_SUFFIXES)}
-        if cfg.tie_embeddings and "lm_head.weight" in sd:
-            sd.pop("lm_head.weight")
+        if cfg.tie_embeddings:
+            sd.pop(self.names.weight("head"), None)
         check_state_dict(cfg, dms, sd, source)
         self.w = {n: sd[n].detach().to(dtype).clone() for n in sd}
         self.inv_freq = rope_inv_freq(cfg.kv_channels, cfg.rotary_base,
@@ -70,24 +76,22 @@ class DecoderModel(torch.nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got [{int(ids.min())}, "
                              f"{int(ids.max())}]")
-        return F.embedding(ids, self.w["model.embed_tokens.weight"])
+        return F.embedding(ids, self.tensor("embed"))
 
     def attention_inputs(self, i: int, x: torch.Tensor, positions: torch.Tensor):
         """Layer i, x [b, s, h] (pre-norm residual), positions [b, s] ->
         q [b, np, s, hn], k [b, ng, s, hn] (RoPE applied), v [b, ng, s, hn], decisions [b, ng, s] or None."""
-        cfg, w, p = self.cfg, self.w, f"model.layers.{i}."
+        cfg, norm, eps = self.cfg, self.norm, self.cfg.norm_epsilon
+        w = functools.partial(self.tensor, i=i)
         b, s, _ = x.shape
         np_, ng, hn = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
-        xn = rms_norm(x, w[p + "input_layernorm.weight"], cfg.norm_epsilon)
-        q = F.linear(xn, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
-        k = F.linear(xn, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
-        v = F.linear(xn, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
+        xn = norm(x, w("input_norm"), eps)
+        q, k, v = (F.linear(xn, w(r), self.w.get(self.names.bias(r, i))) for r in ("q", "k", "v"))  # bias or None
         q = q.view(b, s, np_, hn)  # [b, s, np, hn]
         k = k.view(b, s, ng, hn)
         v = v.view(b, s, ng, hn).transpose(1, 2)  # [b, ng, s, hn]
         if cfg.qk_layernorm:
-            q = rms_norm(q, w[p + "self_attn.q_norm.weight"], cfg.norm_epsilon)
-            k = rms_norm(k, w[p + "self_attn.k_norm.weight"], cfg.norm_epsilon)
+            q, k = norm(q, w("q_norm"), eps), norm(k, w("k_norm"), eps)
         decisions = None
         if self.decides:
             d = self.dms
@@ -95,9 +99,9 @@ class DecoderModel(torch.nn.Module):
                 decisions = qneuron_decision_logits(q, ng, d.alpha_scale, d.alpha_offset)  # [b, s, ng]
                 q = zero_borrowed_neuron(q, ng)
             else:
-                a = rms_norm(x, w[p + "self_attn.dms_proj_alpha_norm.weight"], cfg.norm_epsilon)
-                decisions = projection_decision_logits(F.linear(a, w[p + "self_attn.dms_proj_alpha.weight"]),
-                                                       d.alpha_scale, d.alpha_offset)
+                a = norm(x, w("dms_alpha_norm"), eps)
+                decisions = projection_decision_logits(F.linear(a, w("dms_alpha_proj")), d.alpha_scale,
+                                                       d.alpha_offset)
             decisions = apply_alpha_per(decisions, d.alpha_per).transpose(1, 2).contiguous()  # [b, ng, s]
         q = apply_rope(q.transpose(1, 2), positions, self.inv_freq)  # [b, np, s, hn]
         k = apply_rope(k.transpose(1, 2), positions, self.inv_freq)  # [b, ng, s, hn]
@@ -107,18 +111,21 @@ class DecoderModel(torch.nn.Module):
 
     def layer_output(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """x [b, s, h] residual, attn [b, np, s, hn] -> next residual [b, s, h]."""
-        cfg, w, p = self.cfg, self.w, f"model.layers.{i}."
+        w = functools.partial(self.tensor, i=i)
         b, np_, s, hn = attn.shape
-        x = x + F.linear(attn.transpose(1, 2).reshape(b, s, np_ * hn), w[p + "self_attn.o_proj.weight"])
-        y = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.norm_epsilon)
-        y = F.silu(F.linear(y, w[p + "mlp.gate_proj.weight"])) * F.linear(y, w[p + "mlp.up_proj.weight"])
-        return x + F.linear(y, w[p + "mlp.down_proj.weight"])
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, s, np_ * hn), w("o"))
+        y = self.norm(x, w("mlp_norm"), self.cfg.norm_epsilon)
+        y = self.act(F.linear(y, w("gate"))) * F.linear(y, w("up"))
+        return x + F.linear(y, w("down"))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, h] -> logits [b, s, vocab]."""
-        x = rms_norm(x, self.w["model.norm.weight"], self.cfg.norm_epsilon)
-        out = self.w["model.embed_tokens.weight"] if self.cfg.tie_embeddings else self.w["lm_head.weight"]
-        return F.linear(x, out)
+        x = self.norm(x, self.tensor("final_norm"), self.cfg.norm_epsilon)
+        return F.linear(x, self.tensor("embed" if self.cfg.tie_embeddings else "head"))
+
+    def tensor(self, role: str, i: Optional[int] = None) -> torch.Tensor:
+        """The weight of module ``role`` (a field of ``families.block.HFNames``) of layer ``i``."""
+        return self.w[self.names.weight(role, i)]
 
     @property
     def softmax_scale(self) -> float:

@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 from dms_megatron.config import BAD_INPUT_EXIT_CODE
-from dms_megatron.convert.families import DTYPES
-from dms_megatron.convert.hf_io import ConversionError
+from dms_megatron.convert.hf_io import DTYPES, ConversionError
 from dms_megatron.convert.hf_model import DEFAULT_DIVISIBLE_BY
 from dms_megatron.convert.workflows import check_import, export_checkpoint, import_checkpoint
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dms_megatron.config import DMSConfig, ModelConfig
+from dms_megatron.families import family_by_name
+from dms_megatron.families.block import ACTIVATIONS
 from dms_megatron.megatron.compat import apply_cpu_compat
 from dms_megatron.megatron.spec import get_gpt_layer_dms_spec, get_gpt_layer_stock_spec
 
@@ -26,9 +27,11 @@ def params_dtype(precision: str) -> torch.dtype:
 
 def transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
                        precision: str = "fp32", **overrides) -> TransformerConfig:
-    """Megatron TransformerConfig for a Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no linear bias).
-    ``precision`` "bf16": bf16 parameters, activations and pipeline messages (the optimizer keeps fp32 copies)."""
+    """Megatron TransformerConfig for the decoder of ``model_cfg``'s family (its block's norm and gated-MLP
+    activation; RoPE, GQA, no linear bias but the q/k/v bias ``add_qkv_bias``). ``precision`` "bf16": bf16
+    parameters, activations and pipeline messages (the optimizer keeps fp32 copies)."""
     on_gpu = torch.cuda.is_available()
+    block = family_by_name(model_cfg.family).block
     dtype = params_dtype(precision)
     kw = dict(
         num_layers=model_cfg.num_layers,
@@ -38,9 +41,9 @@ def transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, sequ
         num_query_groups=model_cfg.num_query_groups,
         kv_channels=model_cfg.kv_channels,
         layernorm_epsilon=model_cfg.norm_epsilon,
-        normalization="RMSNorm",
+        normalization=block.norm,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=ACTIVATIONS[block.activation],
         add_bias_linear=False,
         add_qkv_bias=model_cfg.add_qkv_bias,
         qk_layernorm=model_cfg.qk_layernorm,

@@ -1,5 +1,6 @@
-"""GPT layer specs: megatron-core's local or Transformer Engine spec (``model.spec``), for the stock teacher / plain
-model and with DMS attention swapped in for the student.
+"""GPT layer specs: megatron-core's local or Transformer Engine spec (``model.spec``) of the model family's block
+(its norm; q/k norms per ``model.qk_layernorm``), for the stock teacher / plain model and with DMS attention swapped
+in for the student.
 
 local: megatron's own modules; on CUDA its core attention is ``SDPACoreAttention`` (fused torch SDPA: no L x L
 scores), on CPU megatron's ``DotProductAttention``. te: megatron's Transformer Engine spec (fused norms + linears,
@@ -18,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
+from dms_megatron.families import family_by_name
 from dms_megatron.megatron.attention import DMSCoreAttention, DMSSelfAttention, DMSTransformerLayer
 from dms_megatron.megatron.core_attention import SDPACoreAttention
 
@@ -37,7 +39,8 @@ def get_gpt_layer_stock_spec(model_cfg: ModelConfig, fused_attention: Optional[b
     ``SDPACoreAttention`` into the local spec."""
     if model_cfg.spec == "te":
         return _te_spec(model_cfg.qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm,
+                                    normalization=family_by_name(model_cfg.family).block.norm)
     if torch.cuda.is_available() if fused_attention is None else fused_attention:
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
