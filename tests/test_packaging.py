@@ -51,3 +51,13 @@ def test_wheel_carries_the_configs_and_the_teacher(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_the_configs_live_at_the_top_level_and_the_package_reaches_them():
+    """configs/ at the repository's top level holds every Hydra config; the package's config dir is that folder."""
+    from dms_megatron.launch.hydra_cli import CONFIG_DIR
+
+    top = sorted(p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+    assert {"refit.yaml", "eval.yaml", "hyperscale.yaml", "model/tiny.yaml", "parallel/h100_256.yaml"} <= set(top)
+    assert CONFIG_DIR.resolve() == (ROOT / "configs").resolve()
+    assert sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml")) == top

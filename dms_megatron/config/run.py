@@ -1,7 +1,7 @@
 """Run-level configuration of a re-fit: optimisation, data, layout, logging, resume policy and their composition.
 
 These dataclasses are the only place defaults live; Hydra's ConfigStore holds them as the schema and the YAML
-groups under ``dms_megatron/configs`` only override.
+groups under ``configs/`` only override.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``dms-eval``: the Hydra launcher of the evaluation harness (dms_megatron/configs/eval.yaml; run dir ``hydra.run.dir=DIR``).
+"""``dms-eval``: the Hydra launcher of the evaluation harness (configs/eval.yaml; run dir ``hydra.run.dir=DIR``).
 
 With no arguments it evaluates the embedded default: the shipped tiny teacher, its students re-fitted to CR 2, 4
 and 8 (re-fitted once, then reused from the cache dir) and the baselines at DMS-matched budgets, writing

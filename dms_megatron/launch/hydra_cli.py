@@ -2,7 +2,8 @@
 ConfigStore, and a pre-flight composition that turns every Hydra / OmegaConf error into one ``error:`` line with a
 "did you mean" (exit 2) before Hydra prints its multi-line report or any run dir is made.
 
-The configs live inside the package (``dms_megatron/configs``), so an installed wheel has them.
+The configs live at the top level (``configs/``); the package reaches them as ``dms_megatron/configs`` (a link in the
+source tree, the files themselves in a built wheel), so an installed wheel has them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``dms-hyperscale``: inference-time hyper-scaling measured (dms_megatron/configs/hyperscale.yaml; run dir
+"""``dms-hyperscale``: inference-time hyper-scaling measured (configs/hyperscale.yaml; run dir
 ``hydra.run.dir=DIR``).
 
 With no arguments: the embedded tiny teacher's held-out chained-recall questions, answered by W sampled chains of at
