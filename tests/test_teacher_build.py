@@ -131,3 +131,31 @@ def test_signals_deferred_arrive_when_the_setup_block_ends():
         done.append("after the block")
     assert done == ["setup finished"]
     assert signal.getsignal(signal.SIGINT) is before  # the handler is back
+
+
+def test_a_stopped_pretraining_resumes_to_the_same_weights(tok, tmp_path, megatron_single):
+    """With a progress file, a pre-training stopped after an evaluation and run again ends with the weights of the
+    uninterrupted run, bit for bit; a progress file of another recipe is refused."""
+    from dms_megatron.training.pretrain import PretrainRecipe, ProgressMismatch, pretrain
+
+    recipe = PretrainRecipe(steps=4, phases=((2, 32, 4, 0.0),), batch_size=2, seq_length=64, warmup_steps=1)
+    text = list(range(60, 380))
+    cpu = torch.device("cpu")
+    whole, _ = pretrain(recipe, tok, text, {}, cpu, log=lambda m: None, eval_interval=2)
+
+    def stop_after_first_evaluation(msg):
+        if msg.startswith("step 2 "):
+            raise KeyboardInterrupt
+
+    progress = tmp_path / "progress.pt"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(recipe, tok, text, {}, cpu, log=stop_after_first_evaluation, eval_interval=2, progress=progress)
+    lines = []
+    resumed, history = pretrain(recipe, tok, text, {}, cpu, log=lines.append, eval_interval=2, progress=progress)
+    assert lines[0] == f"resuming from {progress} after 2 steps" and [h["step"] for h in history] == [2, 4]
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+    other = PretrainRecipe(steps=5, phases=((2, 32, 4, 0.0),), batch_size=2, seq_length=64, warmup_steps=1)
+    with pytest.raises(ProgressMismatch, match="progress of another recipe"):
+        pretrain(other, tok, text, {}, cpu, log=lambda m: None, eval_interval=2, progress=progress)

@@ -16,9 +16,11 @@ weigh ``answer_weight`` in the loss (a few tokens in 256 would otherwise be igno
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -133,22 +135,57 @@ def train_step(ddp, optimizer, scheduler, batch: dict, vocab: int, device: torch
     return loss.item()
 
 
+class ProgressMismatch(ValueError):
+    """A progress file written by a build of another recipe."""
+
+
+def _save_progress(path: Path, recipe: PretrainRecipe, step: int, model, optimizer, scheduler, batches,
+                   history: list) -> None:
+    """Everything the rest of the build depends on, after ``step`` steps, written atomically."""
+    state = {"recipe": dataclasses.asdict(recipe), "step": step, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "batches_rng": batches.rng.getstate(), "history": history}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_progress(path: Path, recipe: PretrainRecipe, model, optimizer, scheduler, batches) -> tuple:
+    """(steps done, history) from a progress file of the same recipe; (0, []) when there is none."""
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["recipe"] != dataclasses.asdict(recipe):
+        raise ProgressMismatch(f"{path} holds the progress of another recipe; delete it to start this one afresh")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    batches.rng.setstate(state["batches_rng"])
+    return state["step"], state["history"]
+
+
 def pretrain(recipe: PretrainRecipe, tok, text_ids: List[int], evals: dict, device: torch.device,
-             log: Callable[[str], None] = print, eval_interval: int = 250) -> tuple:
+             log: Callable[[str], None] = print, eval_interval: int = 250, progress: Optional[Path] = None) -> tuple:
     """Train the teacher; returns (model, history). ``evals`` maps a name to held-out recall items scored every
-    ``eval_interval`` steps."""
+    ``eval_interval`` steps. ``progress``: a file the state is saved to at every evaluation and resumed from (the
+    resumed build is the uninterrupted one, bit for bit)."""
     model, ddp, optimizer, scheduler = build_teacher(recipe, device)
     batches = PretrainBatches(tok, text_ids, recipe)
-    vocab, history, t0 = recipe.model.vocab_size, [], time.time()
-    for step in range(recipe.steps):
+    vocab, t0 = recipe.model.vocab_size, time.time()
+    start, history = _load_progress(progress, recipe, model, optimizer, scheduler, batches) if progress else (0, [])
+    if start:
+        log(f"resuming from {progress} after {start} steps")
+    for step in range(start, recipe.steps):
         loss = train_step(ddp, optimizer, scheduler, batches.batch(step), vocab, device)
         if (step + 1) % eval_interval == 0 or step + 1 == recipe.steps:
             row = {"step": step + 1, "loss": round(loss, 4), "seconds": round(time.time() - t0, 1)}
             row.update({f"recall_{k}": round(recall_accuracy(model, v, vocab, device), 4) for k, v in evals.items()})
             history.append(row)
-            _, left = rate_and_left(step + 1, recipe.steps, time.time() - t0)
+            if progress:
+                _save_progress(progress, recipe, step + 1, model, optimizer, scheduler, batches, history)
+            _, left = rate_and_left(step + 1 - start, recipe.steps - start, time.time() - t0)
             log(" ".join(f"{k} {v}" for k, v in row.items()) + f" | {fmt_duration(left)} left")
     return model, history
 
 
-__all__ = ["PretrainRecipe", "PretrainBatches", "scaled_spec", "phase_at", "pretrain", "build_teacher"]
+__all__ = ["ProgressMismatch", "PretrainRecipe", "PretrainBatches", "scaled_spec", "phase_at", "pretrain", "build_teacher"]

@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import megatron.core
 import torch
@@ -68,9 +68,11 @@ def _export(model, tok, recipe: PretrainRecipe, out: Path) -> None:
 
 
 def build_teacher_assets(out: Path, recipe: PretrainRecipe, device: torch.device,
-                         log: Callable[[str], None] = print, eval_items: int = EVAL_ITEMS) -> dict:
+                         log: Callable[[str], None] = print, eval_items: int = EVAL_ITEMS,
+                         progress: Optional[Path] = None) -> dict:
     """Everything the embedded default ships, into the teacher dir ``out`` and its checksums ``<out>.sha256``
-    (replaced only once complete). Returns the build record."""
+    (replaced only once complete). Returns the build record. ``progress``: a file the pre-training saves its state
+    to every evaluation and resumes from (removed once the build is complete)."""
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -85,7 +87,8 @@ def build_teacher_assets(out: Path, recipe: PretrainRecipe, device: torch.device
         try:
             with signals_deferred():  # a Ctrl-C arriving here waits until the groups exist, then cleans up
                 init_process_groups(1, 1, seed=recipe.seed)
-            model, history = pretrain(recipe, tok, text_ids(tok, "train", TEXT_CHARS), evals, device, log=log)
+            model, history = pretrain(recipe, tok, text_ids(tok, "train", TEXT_CHARS), evals, device, log=log,
+                                      progress=progress)
         finally:
             destroy_process_groups()
         _export(model, tok, recipe, tmp)
@@ -97,6 +100,8 @@ def build_teacher_assets(out: Path, recipe: PretrainRecipe, device: torch.device
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         os.replace(sums, checksums_of(out))
+        if progress is not None:
+            Path(progress).unlink(missing_ok=True)
         return record
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
