@@ -55,7 +55,8 @@ class RunInputs:
         if self.data is not None:
             return self
         with _as_config_error():
-            d = ensure_refit_data(cfg.data.recall, cfg.train.seq_length, log=log)
+            # self.init is the embedded teacher, verified when these inputs were resolved
+            d = ensure_refit_data(cfg.data.recall, cfg.train.seq_length, log=log, teacher=self.init)
             data = DataBlend.per_split(d.train_prefix, d.valid_prefix)
             _check_token_ids(data, self.model_config)
             return dataclasses.replace(self, data=data)
