@@ -208,6 +208,22 @@ class ResumeConfig:
     allow_changes: List[str] = field(default_factory=list)
 
 
+def check_positions(seq_length: int, max_positions: int, of: str, tail: str) -> None:
+    """The rule on positions: ``train.seq_length`` within ``of`` = ``max_positions`` (the configured model's, or the
+    teacher's in the pre-flight); one-line ConfigError ending in ``tail`` otherwise."""
+    if seq_length > max_positions:
+        raise ConfigError(f"train.seq_length={seq_length} exceeds {of}={max_positions}{tail}")
+
+
+def check_batch_split(t: TrainConfig, dp: int) -> None:
+    """The rule on the global batch: whole micro batches on each of ``dp`` data-parallel ranks (the configured
+    layout's, or a batch job's actual one in the pre-flight)."""
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                          f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}; e.g. "
+                          f"train.micro_batch_size={max(1, t.global_batch_size // dp)}")
+
+
 @dataclass
 class RefitConfig:
     """Everything a re-fitting worker needs (``embedded=true``: the shipped tiny teacher and its data)."""
@@ -226,13 +242,9 @@ class RefitConfig:
         if self.dms.window >= t.seq_length:
             raise ConfigError(f"dms.window={self.dms.window} must be < train.seq_length={t.seq_length} "
                               f"(otherwise nothing can ever be evicted)")
-        if t.seq_length > self.model.max_position_embeddings:
-            raise ConfigError(f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
-                              f"{self.model.max_position_embeddings}: the model was not trained on such positions")
-        if t.global_batch_size % (t.micro_batch_size * p.dp):
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                              f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {p.dp}; e.g. "
-                              f"train.micro_batch_size={max(1, t.global_batch_size // p.dp)}")
+        check_positions(t.seq_length, self.model.max_position_embeddings, "model.max_position_embeddings",
+                        ": the model was not trained on such positions")
+        check_batch_split(t, p.dp)
         if p.sequence_parallel and t.seq_length % p.tp:
             raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tp={p.tp} to divide "
                               f"train.seq_length={t.seq_length}")
@@ -257,4 +269,4 @@ class RefitConfig:
 
 
 __all__ = ["TrainConfig", "DataConfig", "ParallelConfig", "LoggingConfig", "ResumeConfig", "RefitConfig",
-           "TRAIN_MODES", "KD_DIRECTIONS", "PRECISIONS", "RECALL_TASKS"]
+           "TRAIN_MODES", "KD_DIRECTIONS", "PRECISIONS", "RECALL_TASKS", "check_positions", "check_batch_split"]

@@ -155,9 +155,10 @@ def refit_tasks(tok, recall: str, teacher: Path) -> List[RecallTask]:
 
 
 def ensure_refit_data(recall: str = "mqar", seq_length: int = 256, cache_dir: Optional[str] = None,
-                      log: Callable[[str], None] = say) -> RefitData:
-    """The embedded default's re-fit inputs, building the indexed datasets once (a few seconds) into the cache."""
-    teacher = verify_teacher()
+                      log: Callable[[str], None] = say, teacher: Optional[Path] = None) -> RefitData:
+    """The embedded default's re-fit inputs, building the indexed datasets once (a few seconds) into the cache.
+    ``teacher``: the embedded teacher dir as ``verify_teacher()`` returned it to the caller (else verified here)."""
+    teacher = verify_teacher() if teacher is None else teacher
     root = cache_root(cache_dir) / f"{DATA_VERSION}-{recall}-{seq_length}-{sha256(checksums_of(teacher))[:12]}"
     data = RefitData(teacher, teacher, str(root / "train"), str(root / "valid"), heldout_file(teacher, recall))
     if (root / "done").is_file():

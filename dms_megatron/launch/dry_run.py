@@ -138,8 +138,7 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
     fit the model)."""
     p, t = cfg.parallel, cfg.train
     world = p.world_size
-    dp = validate_model_layout(cfg.model, p.tp, p.pp, world, sequence_parallel=p.sequence_parallel,
-                               seq_length=t.seq_length)
+    dp = validate_model_layout(cfg.model, p.tp, p.pp, world)
     g = rank_groups(p.tp, p.pp, dp)
     m = estimate(cfg, dp)
     mc = cfg.model

@@ -59,10 +59,12 @@ def _rank_preexec() -> None:
         pass
 
 
-def run_local_ranks(run_dir: Path, world: int) -> int:
-    """Run ``world`` worker ranks on this machine until all finish; returns the job's exit status."""
+def run_local_ranks(run_dir: Path, world: int, inputs: Optional[Path] = None) -> int:
+    """Run ``world`` worker ranks on this machine until all finish (each given the pre-flight record ``inputs``,
+    when there is one); returns the job's exit status."""
     port = free_port()
     cmd = [sys.executable, "-m", "dms_megatron.launch.worker", "--run-dir", str(run_dir)]
+    cmd += ["--inputs", str(inputs)] if inputs is not None else []
     procs: List[subprocess.Popen] = [subprocess.Popen(cmd, env=rank_env(r, world, port), preexec_fn=_rank_preexec)
                                      for r in range(world)]
 

@@ -42,6 +42,7 @@ from dms_megatron.core.compression import evicted_key_fraction
 from dms_megatron.core.masks import decisions_to_key_logits
 from dms_megatron.core.norms import rms_norm
 from dms_megatron.megatron.collectives import all_reduce_sum
+from dms_megatron.megatron.distributed import KV_HEADS, check_divides
 from dms_megatron.megatron.runtime import RuntimeBound
 
 
@@ -79,12 +80,9 @@ class DMSSelfAttention(RuntimeBound, SelfAttention):
     """SelfAttention that computes DMS decision logits from the borrowed query neuron or an adapter."""
 
     def __init__(self, config, submodules, layer_number: int, *args, dms_config: DMSConfig, **kwargs):
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if config.num_query_groups is not None and config.num_query_groups < tp:
-            raise ValueError(
-                f"DMS needs num_query_groups (KV heads) >= tensor parallel size: {config.num_query_groups} KV heads "
-                f"with tp={tp}; lower parallel.tp to at most {config.num_query_groups}"
-            )
+        if config.num_query_groups is not None:  # DMS decides per KV head: each tp rank holds whole ones
+            check_divides(config.num_query_groups, KV_HEADS, parallel_state.get_tensor_model_parallel_world_size(),
+                          "parallel.tp")
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         self.dms_config = dms_config
         self.num_groups_local = self.num_query_groups_per_partition

@@ -15,6 +15,10 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from dms_megatron.megatron.compat import apply_cpu_compat
 
 
+#: what the layout errors call the KV heads (GQA groups)
+KV_HEADS = "model.num_query_groups (KV heads)"
+
+
 def free_port() -> int:
     """A TCP port on localhost nothing listens on now (a rendezvous port for local ranks)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -42,10 +46,12 @@ def single_process_env(env=None) -> dict:
     return {k: v for k, v in (os.environ if env is None else env).items() if not is_torchrun_var(k)}
 
 
-def validate_layout(world_size: int, tp: int, pp: int) -> int:
-    """Check that tp * pp divides the world size; returns dp. One-line ValueError otherwise."""
+def _check_degrees(tp: int, pp: int) -> None:
     if tp < 1 or pp < 1:
         raise ValueError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+
+
+def _world_dp(world_size: int, tp: int, pp: int) -> int:
     if world_size % (tp * pp):
         raise ValueError(
             f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {tp} * {pp} = {tp * pp}"
@@ -53,26 +59,32 @@ def validate_layout(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
-def validate_model_layout(model_cfg, tp: int, pp: int, world_size: Optional[int] = None, *,
-                          sequence_parallel: bool = False, seq_length: Optional[int] = None) -> int:
+def validate_layout(world_size: int, tp: int, pp: int) -> int:
+    """Check that tp * pp divides the world size; returns dp. One-line ValueError otherwise."""
+    _check_degrees(tp, pp)
+    return _world_dp(world_size, tp, pp)
+
+
+def check_divides(value: int, what: str, div: int, knob: str) -> None:
+    """The rule of a layout degree: ``knob`` = ``div`` (tp or pp) divides ``what`` = ``value`` (a model size sharded
+    over it: query heads, KV heads, ffn width, layers); one-line ValueError otherwise."""
+    if value % div:
+        raise ValueError(f"{knob}={div} does not divide {what}={value}: choose {knob} among its divisors")
+
+
+def validate_model_layout(model_cfg, tp: int, pp: int, world_size: Optional[int] = None) -> int:
     """Check that a tensor/pipeline layout fits the model (and the world size, when given) before any process group
-    exists. Raises a one-line ValueError naming the numbers; returns dp (1 when ``world_size`` is None)."""
-    if tp < 1 or pp < 1:
-        raise ValueError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
-    checks = [
+    exists. Raises a one-line ValueError naming the numbers; returns dp (1 when ``world_size`` is None). (Sequence
+    parallelism's rule on train.seq_length is RefitConfig's.)"""
+    _check_degrees(tp, pp)
+    for value, what, div, knob in (
         (model_cfg.num_attention_heads, "model.num_attention_heads (query heads)", tp, "parallel.tp"),
-        (model_cfg.num_query_groups, "model.num_query_groups (KV heads)", tp, "parallel.tp"),
+        (model_cfg.num_query_groups, KV_HEADS, tp, "parallel.tp"),
         (model_cfg.ffn_hidden_size, "model.ffn_hidden_size", tp, "parallel.tp"),
         (model_cfg.num_layers, "model.num_layers", pp, "parallel.pp"),
-    ]
-    if sequence_parallel and seq_length is not None:
-        checks.append((seq_length, "train.seq_length (sequence parallel)", tp, "parallel.tp"))
-    for value, what, div, knob in checks:
-        if value % div:
-            raise ValueError(f"{knob}={div} does not divide {what}={value}: choose {knob} among its divisors")
-    if world_size is None:
-        return 1
-    return validate_layout(world_size, tp, pp)
+    ):
+        check_divides(value, what, div, knob)
+    return 1 if world_size is None else _world_dp(world_size, tp, pp)
 
 
 def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int | None = None,
@@ -83,19 +95,19 @@ def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int 
     Safe to call again after ``destroy_process_groups()`` (tests do).
     """
     apply_cpu_compat()
-    if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    alone = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ
+    if dist.is_initialized():
+        validate_layout(dist.get_world_size(), tp, pp)
+    else:
+        rank, world = (0, 1) if alone else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        validate_layout(world, tp, pp)
+        if alone:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ["MASTER_PORT"] = str(free_port())
-            rank, world = 0, 1
-        else:
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        validate_layout(world, tp, pp)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    validate_layout(dist.get_world_size(), tp, pp)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -113,5 +125,5 @@ def destroy_process_groups() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["init_process_groups", "destroy_process_groups", "validate_layout", "validate_model_layout",
-           "single_process_env", "free_port", "rank"]
+__all__ = ["init_process_groups", "destroy_process_groups", "validate_layout", "validate_model_layout", "check_divides",
+           "KV_HEADS", "single_process_env", "free_port", "rank"]

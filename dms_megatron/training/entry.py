@@ -21,6 +21,7 @@ import yaml
 from dms_megatron.checkpoint import CheckpointError
 from dms_megatron.config import BAD_INPUT_EXIT_CODE, ConfigError, RefitConfig
 from dms_megatron.data.embedded import AssetError
+from dms_megatron.training.preflight import Checked, load_checked
 from dms_megatron.training.preemption import ABORTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, catch_early_usr1
 from dms_megatron.training.report import format_report
 from dms_megatron.training.run_config import CONFIG
@@ -51,12 +52,17 @@ def read_run_config(run_dir: Path) -> RefitConfig:
     return RefitConfig.from_dict(yaml.safe_load(path.read_text()))
 
 
-def run_rank(run_dir: Path, fault: Optional[str] = None) -> int:
-    """Train this rank of the run in ``run_dir``; never raises for the failures the exit status names."""
+def run_rank(run_dir: Path, fault: Optional[str] = None, checked: Optional[Checked] = None,
+             inputs: Optional[Path] = None) -> int:
+    """Train this rank of the run in ``run_dir``; never raises for the failures the exit status names. The
+    launcher's pre-flight comes as ``checked`` (in-process) or as the record ``inputs`` (``training.preflight``);
+    without either the trainer runs it."""
     catch_early_usr1()  # a SLURM warning signal during start-up must not kill the rank
     try:
-        cfg = read_run_config(run_dir)
-        report = RefitTrainer(cfg, run_dir, fault_hooks(fault)).run()
+        cfg = checked.cfg if checked is not None else read_run_config(run_dir)
+        if inputs is not None:
+            checked = load_checked(inputs, cfg)
+        report = RefitTrainer(cfg, run_dir, fault_hooks(fault), checked=checked).run()
     except (ConfigError, CheckpointError, AssetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE

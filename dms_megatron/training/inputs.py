@@ -1,20 +1,22 @@
 """What a re-fit reads, resolved and checked before any model is built: the teacher's weights (megatron checkpoint or
 Hugging Face dir) and architecture, tokenizer, data prefixes, held-out recall items.
 
-``RunInputs.resolve(cfg, build=False)`` only checks (the launcher's and ``--prepare-only``'s pre-flight on a batch
-host: nothing is built or written); ``build=True`` (the workers) also builds the embedded default's data once.
+``RunInputs.resolve(cfg, build=False)`` only checks (what the pre-flight, ``training.preflight``, runs before a run
+dir exists: nothing is built or written); ``build=True``, or ``built()`` on a check-only result, also builds the
+embedded default's data once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from dms_megatron.checkpoint import CheckpointError
 from dms_megatron.checkpoint.megatron_lm import checkpoint_configs
-from dms_megatron.config import ConfigError, DataBlend, ModelConfig, RefitConfig, check_same_arch
+from dms_megatron.config import ConfigError, DataBlend, ModelConfig, RefitConfig, check_positions, check_same_arch
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model
 from dms_megatron.data.embedded import AssetError, ensure_refit_data, heldout_file, verify_teacher
@@ -24,7 +26,7 @@ from dms_megatron.data.tokenizer import load_tokenizer
 from dms_megatron.progress import say
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunInputs:
     model_config: ModelConfig
     init: Path  # megatron checkpoint dir or HF dir of the teacher (and the student's initial weights)
@@ -45,24 +47,26 @@ class RunInputs:
     @classmethod
     def resolve(cls, cfg: RefitConfig, build: bool = True, log=say) -> "RunInputs":
         """One-line ConfigError for anything missing or inconsistent."""
-        try:
+        with _as_config_error():
             return cls._resolve(cfg, build, log)
-        except (AssetError, CheckpointError, ConversionError, FileNotFoundError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(str(e)) from None
+
+    def built(self, cfg: RefitConfig, log=say) -> "RunInputs":
+        """These inputs with the embedded default's data built (once, cached); itself when they hold data."""
+        if self.data is not None:
+            return self
+        with _as_config_error():
+            # self.init is the embedded teacher, verified when these inputs were resolved
+            d = ensure_refit_data(cfg.data.recall, cfg.train.seq_length, log=log, teacher=self.init)
+            data = DataBlend.per_split(d.train_prefix, d.valid_prefix)
+            _check_token_ids(data, self.model_config)
+            return dataclasses.replace(self, data=data)
 
     @classmethod
     def _resolve(cls, cfg: RefitConfig, build: bool, log) -> "RunInputs":
         if cfg.embedded:
-            if build:
-                d = ensure_refit_data(cfg.data.recall, cfg.train.seq_length, log=log)
-                init, tok_dir, recall = d.teacher, d.tokenizer, d.recall_eval
-                data = DataBlend.per_split(d.train_prefix, d.valid_prefix)
-            else:
-                init = tok_dir = verify_teacher()
-                data = None
-                recall = heldout_file(init, cfg.data.recall)
+            init = tok_dir = verify_teacher()
+            data = None
+            recall = heldout_file(init, cfg.data.recall)
         else:
             init, tok_dir = Path(cfg.train.init_checkpoint), Path(cfg.data.tokenizer)
             data = cfg.data.data_blend()
@@ -71,22 +75,52 @@ class RunInputs:
             recall = Path(cfg.data.recall_eval) if cfg.data.recall_eval else None
         mc = init_model_config(init, cfg.model)
         mc = dataclasses.replace(mc, spec=cfg.model.spec)  # how to build it is the run's choice, not the teacher's
-        if cfg.train.seq_length > mc.max_position_embeddings:
-            raise ConfigError(f"train.seq_length={cfg.train.seq_length} exceeds the teacher's "
-                              f"max_position_embeddings={mc.max_position_embeddings} ({init})")
+        check_positions(cfg.train.seq_length, mc.max_position_embeddings, "the teacher's max_position_embeddings",
+                        f" ({init})")
         tok = load_tokenizer(tok_dir)
         if len(tok) > mc.vocab_size:
             raise ConfigError(f"tokenizer {tok_dir} has {len(tok)} tokens but the model vocabulary is "
                               f"{mc.vocab_size}: wrong tokenizer for this model")
-        for prefix in data.prefixes() if data is not None else ():
-            m = max_token_id(prefix)
-            if m >= mc.vocab_size:
-                raise ConfigError(f"{prefix}.bin holds token id {m} >= model vocab {mc.vocab_size}: data was "
-                                  f"tokenized with another tokenizer")
+        if data is not None:
+            _check_token_ids(data, mc)
         if recall is not None:
             read_items(recall)  # exists and parses
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        return cls(mc, init, tok_dir, data, recall, tok.eos_token_id, pad)
+        inputs = cls(mc, init, tok_dir, data, recall, tok.eos_token_id, pad)
+        return inputs.built(cfg, log) if build else inputs
+
+    def to_dict(self) -> dict:
+        """A JSON-able record (``from_dict`` reads it back)."""
+        d = dataclasses.asdict(self)
+        return dict(d, init=str(self.init), tokenizer=str(self.tokenizer),
+                    recall_eval=None if self.recall_eval is None else str(self.recall_eval))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunInputs":
+        data = d["data"]
+        if data is not None:  # JSON keeps a blend's (prefixes, weights) pair as a list
+            data = DataBlend(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(ModelConfig(**d["model_config"]), Path(d["init"]), Path(d["tokenizer"]), data,
+                   None if d["recall_eval"] is None else Path(d["recall_eval"]), d["eos_id"], d["pad_id"])
+
+
+@contextmanager
+def _as_config_error():
+    """Any input failure below as one ConfigError line."""
+    try:
+        yield
+    except (AssetError, CheckpointError, ConversionError, FileNotFoundError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+
+
+def _check_token_ids(data: DataBlend, mc: ModelConfig) -> None:
+    for prefix in data.prefixes():
+        m = max_token_id(prefix)
+        if m >= mc.vocab_size:
+            raise ConfigError(f"{prefix}.bin holds token id {m} >= model vocab {mc.vocab_size}: data was "
+                              f"tokenized with another tokenizer")
 
 
 def _field_of(cfg: RefitConfig, prefix: str) -> str:

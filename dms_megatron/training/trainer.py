@@ -41,16 +41,16 @@ from dms_megatron.core.losses import band_upper_fraction, compression_loss, cr_a
 from dms_megatron.data.indexed import collate
 from dms_megatron.data.recall import read_items
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
-from dms_megatron.megatron.distributed import init_process_groups, rank, validate_model_layout
+from dms_megatron.megatron.distributed import init_process_groups, rank
 from dms_megatron.megatron.model import build_gpt_model, params_dtype, transformer_config
 from dms_megatron.megatron.parallel_loss import global_mean_fraction, layer_fraction_vector, vocab_parallel_kd_loss
 from dms_megatron.megatron.pipeline import DistillationStage, pipeline_micro_batch_size
 from dms_megatron.megatron.runtime import DMSRuntime
-from dms_megatron.training.inputs import RunInputs
 from dms_megatron.training.logger import MetricsLogger
 from dms_megatron.training.heldout import RECALL_KEYS, recall_counts, recall_micro_batches
 from dms_megatron.training.metrics import dp_mean, step_metrics, summed, with_achieved_cr
 from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
+from dms_megatron.training.preflight import Checked, preflight
 from dms_megatron.training.preemption import Preempted, PreemptionHandler
 from dms_megatron.training.report import write_report
 from dms_megatron.training.weights import check_teacher, load_init_weights
@@ -81,8 +81,12 @@ class TrainerHooks:
 
 
 class RefitTrainer:
-    def __init__(self, cfg: RefitConfig, run_dir, hooks: Optional[TrainerHooks] = None, log=say):
+    def __init__(self, cfg: RefitConfig, run_dir, hooks: Optional[TrainerHooks] = None, log=say,
+                 checked: Optional[Checked] = None):
+        """``checked``: the launcher's pre-flight of ``cfg`` (``training.preflight``); without it the build stage
+        runs it."""
         self.cfg, self.run_dir, self.hooks, self.log = cfg, Path(run_dir), hooks or TrainerHooks(), log
+        self.checked = checked
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.start = 0
         self._evaluated: Optional[tuple] = None  # (step, metrics) of the latest evaluate stage
@@ -118,18 +122,13 @@ class RefitTrainer:
     # ---- stages ---------------------------------------------------------------------------------------------
     def build(self) -> None:
         cfg, t, p = self.cfg, self.cfg.train, self.cfg.parallel
-        self.inputs = RunInputs.resolve(cfg, build=True, log=self.log if rank() == 0 else lambda m: None)
-        mc = self.model_config = self.inputs.model_config
-        self.tp, self.pp = p.tp, p.pp
+        log = self.log if rank() == 0 else lambda m: None
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-        try:  # the layout must fit the model and the world before any process group exists
-            self.dp = validate_model_layout(mc, p.tp, p.pp, world, sequence_parallel=p.sequence_parallel,
-                                            seq_length=t.seq_length)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if t.global_batch_size % (t.micro_batch_size * self.dp):
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                              f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {self.dp}")
+        # the inputs and the layout, checked before any process group exists
+        checked = (self.checked or preflight(cfg, world, build=True, log=log)).for_world(world).built(log)
+        self.inputs, self.dp = checked.inputs, checked.dp
+        self.model_config = self.inputs.model_config
+        self.tp, self.pp = p.tp, p.pp
         init_process_groups(p.tp, p.pp, seed=t.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         torch.manual_seed(t.seed)
