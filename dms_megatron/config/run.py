@@ -18,6 +18,13 @@ TRAIN_MODES = ("full", "adapter")
 KD_DIRECTIONS = ("student_teacher", "teacher_student")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolved_precision(precision: str, cuda: bool) -> str:
+    """``train.precision`` on a device ("bf16" or "fp32"): "auto" is bf16 on CUDA and fp32 on CPU (this rule's one
+    place)."""
+    check_choice("train", "precision", precision, PRECISIONS)
+    return ("bf16" if cuda else "fp32") if precision == "auto" else precision
 RECALL_TASKS = ("mqar", "single", "chain")
 
 

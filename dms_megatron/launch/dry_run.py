@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from megatron.core.parallel_state import RankGenerator
 
 from dms_megatron.config import ConfigError, RefitConfig
+from dms_megatron.config.run import resolved_precision
 from dms_megatron.core.attention import resolve_backend_name
 from dms_megatron.launch.hydra_cli import fail, preflight, register_schema
 from dms_megatron.megatron.distributed import validate_model_layout
@@ -99,7 +100,7 @@ def logits_bytes(cfg, tp: int, bytes_per: int) -> int:
 
 
 def precision_on_gpu(cfg) -> str:
-    return "bf16" if cfg.train.precision in ("auto", "bf16") else "fp32"
+    return resolved_precision(cfg.train.precision, cuda=True)
 
 
 def estimate(cfg, dp: int) -> MemoryEstimate:

@@ -10,6 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dms_megatron.config import DMSConfig, ModelConfig
+from dms_megatron.config.run import resolved_precision
 from dms_megatron.families import family_by_name
 from dms_megatron.families.block import ACTIVATIONS
 from dms_megatron.megatron.compat import apply_cpu_compat
@@ -17,12 +18,8 @@ from dms_megatron.megatron.spec import get_gpt_layer_dms_spec, get_gpt_layer_sto
 
 
 def params_dtype(precision: str) -> torch.dtype:
-    """The parameter dtype of ``train.precision``: "auto" is bf16 on CUDA and fp32 on CPU."""
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"train.precision={precision!r}: allowed values are auto, bf16, fp32")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    """The parameter dtype of ``train.precision`` on this machine (``config.resolved_precision``)."""
+    return torch.bfloat16 if resolved_precision(precision, torch.cuda.is_available()) == "bf16" else torch.float32
 
 
 def transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
