@@ -22,6 +22,13 @@ def env():
     return e
 
 
+def launch(module: str, args, env_extra=None, timeout=900):
+    """``python -m dms_megatron.launch.<module> ARGS`` from the repository root with the tests' environment."""
+    return subprocess.run([sys.executable, "-m", f"dms_megatron.launch.{module}", *args],
+                          env=dict(env(), **(env_extra or {})), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def refit(args, timeout=600):
     return subprocess.run([sys.executable, "-m", "dms_megatron.launch.refit", *args], env=env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
@@ -33,6 +40,22 @@ def refit_overrides(assets, **train):
     for section in ("train", "data", "dms"):
         out += [f"{section}.{k}={v}" for k, v in d[section].items() if v is not None]
     return out + ["logging.wandb=false", "logging.progress=false"]
+
+
+def student_refit_overrides(assets, section: str = "refit") -> list:
+    """The ``refit`` section of an evaluation launcher (under ``section``, e.g. ``eval.refit``) for 3-step students
+    of the shared test assets."""
+    r = section
+    model = [f"{r}.model.{k}={v}" for k, v in assets["model"].items() if v is not None]
+    return model + [
+        f"{r}.embedded=false", f"{r}.train.init_checkpoint={assets['teacher']}",
+        f"{r}.data.train_prefix={assets['train']}", f"{r}.data.valid_prefix={assets['valid']}",
+        f"{r}.data.tokenizer={assets['tokenizer']}", f"{r}.data.recall_eval={assets['recall']}",
+        f"{r}.train.steps=3", f"{r}.train.seq_length=64", f"{r}.train.micro_batch_size=2",
+        f"{r}.train.global_batch_size=2", f"{r}.train.eval_batches=1", f"{r}.train.recall_eval_limit=2",
+        f"{r}.train.warmup_steps=1", f"{r}.train.save_interval=3", f"{r}.dms.window=4", f"{r}.dms.final_step=2",
+        f"{r}.logging.progress=false",
+    ]
 
 
 def one_error_line(r):

@@ -3,14 +3,12 @@
 import json
 import math
 import re
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import launch, student_refit_overrides
 from refit_fixtures import RECALL_LEN, shared_assets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,23 +81,12 @@ def test_answer_residency_follows_what_each_press_keeps(assets):
 
 
 def _launch(args, env_extra=None, timeout=900):
-    env = dict(os.environ, WANDB_MODE="disabled", **(env_extra or {}))
-    env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "dms_megatron.launch.evaluate", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return launch("evaluate", args, env_extra, timeout)
 
 
 def _overrides(assets):
-    model = [f"refit.model.{k}={v}" for k, v in assets["model"].items() if v is not None]
-    return model + [
-        "refit.embedded=false", f"refit.train.init_checkpoint={assets['teacher']}",
-        f"refit.data.train_prefix={assets['train']}", f"refit.data.valid_prefix={assets['valid']}",
-        f"refit.data.tokenizer={assets['tokenizer']}", f"refit.data.recall_eval={assets['recall']}",
-        "refit.train.steps=3", "refit.train.seq_length=64", "refit.train.micro_batch_size=2",
-        "refit.train.global_batch_size=2", "refit.train.eval_batches=1", "refit.train.recall_eval_limit=2",
-        "refit.train.warmup_steps=1", "refit.train.save_interval=3", "refit.dms.window=4", "refit.dms.final_step=2",
-        "refit.logging.progress=false", f"recall_limit={RECALL_LIMIT}", "kl_sequences=2", f"kl_length={KL_LENGTH}",
-    ]
+    return student_refit_overrides(assets) + [f"recall_limit={RECALL_LIMIT}", "kl_sequences=2",
+                                              f"kl_length={KL_LENGTH}"]
 
 
 def _kl_sequences(valid_prefix: str) -> torch.Tensor:

@@ -2,16 +2,14 @@
 chains against separate prefills, and a short end-to-end run on a tiny grid."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from cli_helpers import launch, student_refit_overrides
 from refit_fixtures import shared_assets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,25 +168,13 @@ def test_chain_budgets_count_what_a_full_cache_holds_and_reads(teacher, chain_it
 
 
 def _launch(args, env_extra=None, timeout=900):
-    env = dict(os.environ, WANDB_MODE="disabled", **(env_extra or {}))
-    env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "dms_megatron.launch.hyperscale", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return launch("hyperscale", args, env_extra, timeout)
 
 
 def _overrides(assets, chain_items):
-    model = [f"eval.refit.model.{k}={v}" for k, v in assets["model"].items() if v is not None]
-    return model + [
-        "eval.refit.embedded=false", f"eval.refit.train.init_checkpoint={assets['teacher']}",
-        f"eval.refit.data.train_prefix={assets['train']}", f"eval.refit.data.valid_prefix={assets['valid']}",
-        f"eval.refit.data.tokenizer={assets['tokenizer']}", f"eval.refit.data.recall_eval={assets['recall']}",
-        "eval.refit.train.steps=3", "eval.refit.train.seq_length=64", "eval.refit.train.micro_batch_size=2",
-        "eval.refit.train.global_batch_size=2", "eval.refit.train.eval_batches=1",
-        "eval.refit.train.recall_eval_limit=2", "eval.refit.train.warmup_steps=1", "eval.refit.train.save_interval=3",
-        "eval.refit.dms.window=4", "eval.refit.dms.final_step=2", "eval.refit.dms.alpha_source=qneuron",
-        "eval.refit.logging.progress=false", "eval.kl_sequences=2", "eval.kl_length=32",
-        f"items_file={chain_items}", "lengths=[1,3]", "widths=[1,2]", "eval.crs=[4]",
-    ]
+    return student_refit_overrides(assets, "eval.refit") + [
+        "eval.refit.dms.alpha_source=qneuron", "eval.kl_sequences=2", "eval.kl_length=32",
+        f"items_file={chain_items}", "lengths=[1,3]", "widths=[1,2]", "eval.crs=[4]"]
 
 
 def test_dms_hyperscale_end_to_end_on_a_tiny_grid(assets, chain_items, tmp_path):
