@@ -12,7 +12,8 @@ from dms_megatron.core.gating import (
     qneuron_decision_logits,
     zero_borrowed_neuron,
 )
-from dms_megatron.core.losses import band_upper_fraction, compression_loss, cr_at_step, kd_loss, target_evicted_fraction
+from dms_megatron.core.losses import (band_lower_fraction, band_upper_fraction, compression_loss, cr_at_step, kd_loss,
+                                      target_evicted_fraction)
 
 
 def test_qneuron_picks_last_dim_of_first_head_per_group():
@@ -93,6 +94,18 @@ def test_band_upper_fraction_hand_values():
     assert band_upper_fraction(8.0, 0.0) == pytest.approx(0.875)
     with pytest.raises(ValueError, match="band"):
         band_upper_fraction(4.0, -0.1)
+
+
+def test_band_lower_fraction_hand_values():
+    # CR 4 with a 10% band: CR 3.6 -> evicted fraction 1 - 1/3.6 = 0.72222...; CR 8, 5%: 1 - 1/7.6
+    assert band_lower_fraction(4.0, 0.1) == pytest.approx(1 - 1 / 3.6)
+    assert band_lower_fraction(8.0, 0.05) == pytest.approx(1 - 1 / 7.6)
+    # early in the schedule (CR 1.02) the band's lower edge is below CR 1: nothing is charged for keeping everything
+    assert band_lower_fraction(1.02, 0.05) == 0.0
+    assert band_lower_fraction(4.0, 0.0) == pytest.approx(0.75)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="band"):
+            band_lower_fraction(4.0, bad)
 
 
 def test_band_compression_loss_values_and_gradients_below_inside_above():

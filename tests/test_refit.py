@@ -45,9 +45,9 @@ def test_short_refit_reaches_target_cr(assets, tmp_path):
     d["dms"].update(final_cr=TARGET_CR, final_step=E2E_STEPS // 2, alpha_source="adapter")
     report = run_refit(RefitConfig.from_dict(d), tmp_path)
     # The zero-initialised adapter starts at CR 1 (logit -5: nothing evicted), so reaching the target is the
-    # compression loss's work. It is one-sided: evicting more than the target costs only KD, which a random toy
-    # teacher barely charges, so the held-out CR under hard decisions may overshoot (the shipped demonstration:
-    # 4.64 at target 4); the band below fails both a loss that does not push and one that does not stop.
+    # compression loss's work (the default band loss, CR x (1 -/+ 0.05)). Held-out data under hard decisions is
+    # compressed a little more than the noisy training decisions (docs/results.md), so the range is wider than the
+    # band; it fails both a loss that does not push and one that does not stop.
     assert _metrics(tmp_path)[0]["achieved_cr_train"] < 1.1
     assert 0.9 * TARGET_CR <= report["achieved_cr"] <= 1.35 * TARGET_CR, report
     assert report["kl_to_teacher"] < 0.5

@@ -25,8 +25,8 @@ def target_evicted_fraction(cr: float) -> float:
     return 1.0 - 1.0 / cr
 
 
-#: compression losses: "one_sided" charges only under-eviction (the paper's); "band" also charges over-eviction
-#: beyond a tolerance band above the target
+#: compression losses: "one_sided" charges under-eviction below the target (the paper's); "band" charges only what
+#: leaves a tolerance band around the target, on either side
 CR_LOSSES = ("one_sided", "band")
 
 
@@ -37,13 +37,22 @@ def band_upper_fraction(cr: float, band: float) -> float:
     return target_evicted_fraction(cr * (1.0 + band))
 
 
+def band_lower_fraction(cr: float, band: float) -> float:
+    """Lowest evicted fraction the "band" loss leaves free at compression ratio ``cr``: that of CR x (1 - band),
+    and 0 where that is below CR 1 (no eviction is never charged)."""
+    if not 0 <= band <= 1:
+        raise ValueError(f"band {band} must be in [0, 1]")
+    return target_evicted_fraction(max(1.0, cr * (1.0 - band)))
+
+
 def compression_loss(frac: torch.Tensor, target: float, upper: Optional[float] = None) -> torch.Tensor:
     """Compression loss, mean over the batch of max(0, target - frac) + max(0, frac - upper).
 
     frac: [b] evicted fraction per sample (already averaged over layers and heads); target: the evicted fraction
-    asked for; upper: None for the paper's one-sided loss (evicting more than the target costs nothing, only the
-    distillation loss resists it), else the evicted fraction above which over-eviction is charged too (>= target;
-    ``band_upper_fraction``). Returns a scalar.
+    below which the shortfall is charged (the scheduled target for the paper's one-sided loss, the band's lower edge
+    ``band_lower_fraction`` for the band loss); upper: None for the one-sided loss (evicting more than the target
+    costs nothing, only the distillation loss resists it), else the evicted fraction above which over-eviction is
+    charged too (>= target; ``band_upper_fraction``). Returns a scalar.
     """
     loss = (target - frac).clamp(min=0)
     if upper is not None:
@@ -86,5 +95,5 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mas
     return masked_token_mean(token_kl(s, t, direction), loss_mask)
 
 
-__all__ = ["cr_at_step", "target_evicted_fraction", "CR_LOSSES", "band_upper_fraction", "compression_loss",
-           "kd_loss", "token_kl", "masked_token_mean"]
+__all__ = ["cr_at_step", "target_evicted_fraction", "CR_LOSSES", "band_upper_fraction", "band_lower_fraction",
+           "compression_loss", "kd_loss", "token_kl", "masked_token_mean"]

@@ -37,7 +37,8 @@ from dms_megatron.convert.hf_io import iter_side_files, read_config
 from dms_megatron.convert.hf_model import is_hf_dir
 from dms_megatron.convert.workflows import ASSETS
 from dms_megatron.core.compression import cr_from_evicted_fraction
-from dms_megatron.core.losses import band_upper_fraction, compression_loss, cr_at_step, target_evicted_fraction
+from dms_megatron.core.losses import (band_lower_fraction, band_upper_fraction, compression_loss, cr_at_step,
+                                      target_evicted_fraction)
 from dms_megatron.data.indexed import collate
 from dms_megatron.data.recall import read_items
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
@@ -232,7 +233,7 @@ class RefitTrainer:
         t = self.cfg.train
         kd = vocab_parallel_kd_loss(s_logits, t_logits, self.model_config.vocab_size, loss_mask, t.kd_direction)
         frac = global_mean_fraction(frac_sum, self.model_config.num_layers, self.tp)
-        comp = compression_loss(frac, target, self.upper_fraction(target))
+        comp = compression_loss(frac, *self.charged_range(target))
         loss = kd + t.compression_weight * comp
         if hooked and self.hooks.loss is not None:
             loss = self.hooks.loss(step + 1, loss)
@@ -247,11 +248,14 @@ class RefitTrainer:
         per_key = mc.num_layers * mc.num_query_groups
         return {"evicted_slots": float((frac.detach() * keys).sum()) * per_key, "slots": float(keys.sum()) * per_key}
 
-    def upper_fraction(self, target: float):
-        """The evicted fraction above which the compression loss charges over-eviction at ``target`` (None: the
-        one-sided loss)."""
+    def charged_range(self, target: float) -> tuple:
+        """(lower, upper) evicted fractions outside which the compression loss charges at the scheduled ``target``:
+        (target, None) for the paper's one-sided loss; the fractions of CR x (1 -/+ cr_band) for the band loss."""
         d = self.cfg.dms
-        return band_upper_fraction(cr_from_evicted_fraction(target), d.cr_band) if d.cr_loss == "band" else None
+        if d.cr_loss != "band":
+            return target, None
+        cr = cr_from_evicted_fraction(target)
+        return band_lower_fraction(cr, d.cr_band), band_upper_fraction(cr, d.cr_band)
 
     def train_step(self, step: int) -> dict:
         t, d = self.cfg.train, self.cfg.dms
