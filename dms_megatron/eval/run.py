@@ -101,6 +101,14 @@ def resolve_assets(cfg: EvalConfig) -> EvalAssets:
     return EvalAssets(teacher, Path(recall) if recall else None, kl, version)
 
 
+def student_digest(rc: RefitConfig, version: str) -> str:
+    """The cache key of a student: the teacher build and everything of its re-fit config that shapes its weights
+    (``logging`` does not, so dms-eval, dms-hyperscale and the benchmarks share students whatever they log)."""
+    d = rc.to_dict()
+    d.pop("logging")
+    return hashlib.sha256(json.dumps([version, d], sort_keys=True).encode()).hexdigest()[:12]
+
+
 def ensure_student(cfg: EvalConfig, cr: float, assets: EvalAssets, run_dir: Path, log=print) -> Path:
     """The checkpoints dir of the student for ``cr``: given in cfg.students, cached, or re-fitted now (in this
     process, one rank)."""
@@ -116,8 +124,8 @@ def ensure_student(cfg: EvalConfig, cr: float, assets: EvalAssets, run_dir: Path
     if rc.parallel.world_size != 1:
         raise ConfigError(f"dms-eval re-fits students with one rank (refit.parallel asks for "
                           f"{rc.parallel.world_size}); re-fit them with dms-refit and pass +students.{key}=RUN_DIR")
-    digest = hashlib.sha256(json.dumps([assets.version, rc.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
-    root = (cache_root() / "students" if cfg.reuse_students else run_dir / "students") / f"cr{key}-{digest}"
+    root = (cache_root() / "students" if cfg.reuse_students else run_dir / "students") / \
+        f"cr{key}-{student_digest(rc, assets.version)}"
     if (root / "report.json").is_file():
         log(f"student CR {key}: reusing {root}")
         return root / "checkpoints"
