@@ -215,3 +215,47 @@ def test_bad_hyperscale_config_fails_in_one_line(assets, chain_items, tmp_path, 
     assert r.returncode == 2, r.stderr[-2000:]
     err = [line for line in r.stderr.splitlines() if "error" in line]
     assert err and needle in err[-1], r.stderr[-2000:]
+
+
+def test_shipped_teacher_leaves_room_for_scaling_in_length_and_width():
+    """The task's requirements on the shipped teacher (issue: W = 1 at the smallest L at most 0.7; at least +15
+    points with a larger L and with a larger W), at dms-hyperscale's default temperature, on the first 100 held-out
+    questions. Accuracy is counted here from the sampled tokens themselves: a chain is right when its first value
+    symbol within L tokens is the question's answer, and W chains by a strict majority of those answers."""
+    from collections import Counter
+
+    from dms_megatron.data.embedded import TEACHER_DIR, heldout_file
+    from dms_megatron.data.recall import read_items
+    from dms_megatron.eval.chains import sample_chains
+    from dms_megatron.eval.config import HyperscaleConfig
+    from dms_megatron.eval.harness import feed
+    from dms_megatron.eval.hyperscale import stop_tokens
+    from dms_megatron.inference.engine import Engine
+    from dms_megatron.inference.loading import load_model
+
+    items = read_items(heldout_file(TEACHER_DIR, "chain"), 100)
+    model = load_model(TEACHER_DIR)
+    answers, stop = stop_tokens(TEACHER_DIR)
+    prompts = [it["ids"][:it["answers"][0]] for it in items]
+    truths = [it["ids"][it["answers"][-1]] for it in items]
+    engine = Engine(model)
+    session, last = feed(engine, prompts)
+    temp = HyperscaleConfig().temperature
+
+    def accuracy(run, length):  # run.tokens [N, W, max_tokens]
+        right = 0
+        for per_q, truth in zip(run.tokens.tolist(), truths):
+            votes = Counter(next((t for t in c[:length] if t in answers), None) for c in per_q)
+            votes.pop(None, None)
+            right += bool(votes) and votes.most_common(1)[0][0] == truth \
+                and list(votes.values()).count(votes[truth]) == 1
+        return right / len(truths)
+
+    one = sample_chains(engine, session, last, 1, 8, temp, stop, seed=1)
+    wide = sample_chains(engine, session, last, 16, 8, temp, stop, seed=16)
+    w1 = {L: accuracy(one, L) for L in (2, 4, 8)}
+    w16 = {L: accuracy(wide, L) for L in (2, 4, 8)}
+    print("W=1:", w1, "W=16:", w16)
+    assert w1[2] <= 0.7, w1
+    assert max(w1.values()) >= w1[2] + 0.15, w1            # longer chains answer more questions
+    assert max(w16[L] - w1[L] for L in w1) >= 0.15, (w1, w16)  # voting over W chains corrects sampling errors
