@@ -10,7 +10,7 @@ from dms_megatron.families import FAMILIES
 
 def model(**kw) -> ModelConfig:
     """The tiny teacher's architecture with ``kw`` changed (kv_channels and the block fields re-derived unless given)."""
-    return ModelConfig(**dict(asdict(TINY_TEACHER), kv_channels=None, add_qkv_bias=None, qk_layernorm=None, **kw))
+    return ModelConfig(**{**asdict(TINY_TEACHER), "kv_channels": None, "add_qkv_bias": None, "qk_layernorm": None, **kw})
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -194,3 +194,18 @@ def test_the_tiny_teacher_sizes_are_its_shipped_config():
     hf = json.loads((TEACHER_DIR / "config.json").read_text())
     assert TINY_PRESET.parent.parent.name == "configs"
     assert ModelConfig.from_hf(hf, TINY_TEACHER.make_vocab_size_divisible_by) == TINY_TEACHER
+
+
+@pytest.mark.parametrize("family,name", [("qwen2", "add_qkv_bias"), ("qwen3", "qk_layernorm")])
+def test_the_family_block_implies_the_attention_extras_and_a_contradiction_is_refused(family, name):
+    """family=qwen2 has the q/k/v bias and qwen3 the q/k norms without saying so (families/qwen2.py, qwen3.py declare
+    them: Block(qkv_bias=True) / Block(qk_norm=True)); a value that contradicts the family is one line."""
+    assert getattr(model(family=family), name) is True
+    assert getattr(model(family="llama"), name) is False
+    assert getattr(model(family=family, **{name: True}), name) is True
+    with pytest.raises(ConfigError) as e:
+        model(family=family, **{name: False})
+    assert str(e.value) == (f"model.{name}=false contradicts model.family={family}, whose block has {name}=true "
+                            f"(leave it unset)")
+    with pytest.raises(ConfigError, match=f"model.{name}=true contradicts model.family=llama"):
+        model(family="llama", **{name: True})
