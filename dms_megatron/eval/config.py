@@ -74,7 +74,7 @@ class HyperscaleConfig:
     eval: EvalConfig
     lengths: List[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])  # generation budgets L (tokens per chain)
     widths: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # parallel chains W per question
-    temperature: float = 1.0
+    temperature: float = 1.5             # sampling temperature of the chains (0: greedy)
     items: Optional[int] = 100           # first N held-out questions (null = all)
     items_file: Optional[str] = None     # JSONL of chained-recall items; null = the embedded teacher's
     seed: int = 0
