@@ -26,11 +26,11 @@ from pathlib import Path
 def _worker(out: Path, run_dir: Path, mode: str, steps: int, interval: int) -> None:
     import torch.distributed as dist
 
-    from dms_megatron.config import RefitConfig
+    from dms_megatron.config import TINY_TEACHER, RefitConfig
     from dms_megatron.training.run_config import write_run_config
     from dms_megatron.training.trainer import RefitTrainer, TrainerHooks
 
-    cfg = RefitConfig.from_dict({"parallel": {"tp": 2, "pp": 2}, "logging": {"wandb": False, "progress": False},
+    cfg = RefitConfig.from_dict({"model": TINY_TEACHER, "parallel": {"tp": 2, "pp": 2}, "logging": {"wandb": False, "progress": False},
                                  "train": {"steps": steps, "save_interval": interval, "eval_interval": 0,
                                            "async_save": mode == "async"}})
     stalls, stamps, depth = [], [], [0]

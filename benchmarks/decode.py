@@ -32,7 +32,8 @@ VOCAB = 512
 
 def scripted_model(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, max_len: int) -> DecoderModel:
     mc = ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-                     num_query_groups=kv_heads, vocab_size=VOCAB, max_position_embeddings=max_len)
+                     num_query_groups=kv_heads, vocab_size=VOCAB, max_position_embeddings=max_len, family="llama",
+                     kv_channels=None, tie_embeddings=False)
     dms = DMSConfig(window=WINDOW, alpha_source="adapter")
     g = torch.Generator().manual_seed(0)
     sd = {}

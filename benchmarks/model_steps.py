@@ -26,12 +26,13 @@ from dms_megatron.megatron.runtime import DMSRuntime, dms_forward
 from dms_megatron.training.evaluation import lm_loss
 from dms_megatron.training.optim import build_optimizer, finalize_grads, wrap_ddp
 
-LLAMA_1B = ModelConfig(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
-                       num_query_groups=8, vocab_size=32000, max_position_embeddings=4096, rotary_base=500000.0)
+LLAMA_1B = ModelConfig(family="llama", num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                       num_query_groups=8, kv_channels=64, vocab_size=32000, max_position_embeddings=4096,
+                       tie_embeddings=False, rotary_base=500000.0)
 QWEN3_8B_STACK = ModelConfig(family="qwen3", num_layers=4, hidden_size=4096, ffn_hidden_size=12288,
                              num_attention_heads=32, num_query_groups=8, kv_channels=128, vocab_size=151936,
-                             max_position_embeddings=40960, rotary_base=1000000.0, norm_epsilon=1e-6,
-                             qk_layernorm=True)
+                             max_position_embeddings=40960, tie_embeddings=False, rotary_base=1000000.0,
+                             norm_epsilon=1e-6)
 
 
 @dataclass

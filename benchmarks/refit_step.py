@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dms_megatron.config import ModelConfig  # noqa: E402
+from dms_megatron.config import TINY_TEACHER  # noqa: E402
 from dms_megatron.megatron.distributed import init_process_groups  # noqa: E402
 from model_steps import StepSetup, measure  # noqa: E402
 
@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     init_process_groups()
     seq = 128 if args.quick else 256
-    setup = StepSetup(ModelConfig(), seq=seq, micro_batch=8, precision="fp32", window=16)
+    setup = StepSetup(TINY_TEACHER, seq=seq, micro_batch=8, precision="fp32", window=16)
     out = measure(setup, torch.device("cpu"), reps=2 if args.quick else args.reps, warmup=1)
     print(f"model: {setup.model.num_layers} layers, hidden {setup.model.hidden_size}, batch {setup.micro_batch} x "
           f"{seq} tokens, threads {torch.get_num_threads()}")

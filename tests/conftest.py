@@ -24,7 +24,7 @@ TINY_SEQ = 24
 def tiny_model_config(**overrides):
     from dms_megatron.config import ModelConfig
 
-    kw = dict(num_layers=TINY_LAYERS, hidden_size=TINY_HIDDEN, ffn_hidden_size=TINY_FFN,
+    kw = dict(family="llama", kv_channels=None, tie_embeddings=False, num_layers=TINY_LAYERS, hidden_size=TINY_HIDDEN, ffn_hidden_size=TINY_FFN,
               num_attention_heads=TINY_HEADS, num_query_groups=TINY_KV_HEADS, vocab_size=TINY_VOCAB,
               make_vocab_size_divisible_by=32, max_position_embeddings=256)
     kw.update(overrides)

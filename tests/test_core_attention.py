@@ -101,9 +101,9 @@ def test_validating_a_config_imports_no_kernel():
     import subprocess
     import sys
 
-    code = ("import sys; from dms_megatron.config import DMSConfig, RefitConfig; "
+    code = ("import sys; from dms_megatron.config import TINY_TEACHER, DMSConfig, RefitConfig; "
             "from dms_megatron.core.attention import resolve_backend_name; "
-            "DMSConfig(backend='triton'); RefitConfig(); resolve_backend_name('auto', 'cuda'); "
+            "DMSConfig(backend='triton'); RefitConfig(TINY_TEACHER); resolve_backend_name('auto', 'cuda'); "
             f"print([m for m in {KERNEL_MODULES!r} + ('triton', 'torch.nn.attention.flex_attention') "
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -48,7 +48,7 @@ def test_model_step_section_runs_on_a_tiny_model(gpu_bench, megatron_single):
 
     from dms_megatron.config import ModelConfig
 
-    tiny = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+    tiny = ModelConfig(family="llama", kv_channels=None, tie_embeddings=False, num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
                        vocab_size=96, make_vocab_size_divisible_by=32, max_position_embeddings=64)
     out = steps.measure(steps.StepSetup(tiny, seq=32, micro_batch=2, precision="fp32", window=4),
                         torch.device("cpu"), reps=2, warmup=1, peak_tflops=1.0)

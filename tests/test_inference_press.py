@@ -125,8 +125,9 @@ def test_press_arguments_fail_clearly():
 
 def test_press_settings_have_one_default_shared_by_generate_and_eval():
     import inspect
+    from dataclasses import asdict
 
-    from dms_megatron.config import ConfigError, PressConfig
+    from dms_megatron.config import TINY_TEACHER, ConfigError, PressConfig, RefitConfig
     from dms_megatron.eval.config import EvalConfig
     from dms_megatron.inference.press import REGISTRY
 
@@ -138,12 +139,12 @@ def test_press_settings_have_one_default_shared_by_generate_and_eval():
     assert make_press("quest", budget=64).page == d.quest_page                 # what dms-generate builds
     assert make_press("streamingllm", budget=64).sinks == d.streamingllm_sinks
     assert make_press("h2o", budget=9).recent == 4 and d.h2o_recent_fraction == 0.5   # half, rounded down
-    assert EvalConfig().press == d                                             # what dms-eval builds
+    assert EvalConfig(RefitConfig(TINY_TEACHER)).press == d                                             # what dms-eval builds
     custom = PressConfig(streamingllm_sinks=6, quest_page=8)
     assert make_press("quest", budget=64, settings=custom).page == 8
     assert make_press("quest", budget=5, settings=custom).page == 5            # clamped to the budget
     assert make_press("streamingllm", budget=5, settings=custom).sinks == 4    # at most budget - 1
     with pytest.raises(ConfigError, match=r"press.quest_page=0 is invalid: must be an integer >= 1"):
-        EvalConfig.from_dict({"press": {"quest_page": 0}})
+        EvalConfig.from_dict({"refit": {"model": asdict(TINY_TEACHER)}, "press": {"quest_page": 0}})
     with pytest.raises(ValueError, match="budget=0 must be an integer >= 1"):
         make_press("streamingllm", budget=0)

@@ -54,6 +54,29 @@ def test_megatron_lm_checkpoint_with_legacy_local_norm_names_loads_into_teacher_
     _check_loads(tmp_path / "mlm", mlm_fixtures.merged(str(tmp_path / "dump"), 1))
 
 
+def test_a_megatron_lm_checkpoint_gives_the_architecture_a_family_only_model_section_leaves_unset(tmp_path,
+                                                                                                megatron_single):
+    """The shape fields come from Megatron-LM's args; the vocabulary size, which its args lack (a Hugging Face
+    tokenizer), must be given, in one line."""
+    from dms_megatron.config import REQUIRED, ConfigError
+    from dms_megatron.megatron.distributed import init_process_groups
+    from dms_megatron.training.inputs import complete_model
+
+    try:
+        mlm_fixtures.write(str(tmp_path / "mlm"), MC, 1, 1, False, str(tmp_path / "dump"))
+    finally:
+        init_process_groups(1, 1, seed=1234)
+    d = {"model": {"family": "llama"}, "train": {"init_checkpoint": str(tmp_path / "mlm")}}
+    with pytest.raises(ConfigError) as e:
+        complete_model(d)
+    assert str(e.value) == (f"model.vocab_size is unset and the Megatron-LM checkpoint {tmp_path / 'mlm'} does not "
+                            f"record it (its args hold only the padded size 128): give model.vocab_size=N, the "
+                            f"tokenizer's vocabulary")
+    d["model"]["vocab_size"] = MC["vocab_size"]
+    got = complete_model(d)["model"]
+    assert {f: got[f] for f in REQUIRED} == {f: MC[f] for f in REQUIRED}
+
+
 @pytest.mark.parallel
 def test_megatron_lm_checkpoint_saved_at_tp2_loads_at_one_rank(tmp_path, megatron_single):
     target = functools.partial(mlm_fixtures.spawned_rank, save=str(tmp_path / "mlm"), mc=MC, tp=2, pp=1,

@@ -120,16 +120,18 @@ def test_pipeline_message_carries_fraction_sums_and_their_gradient():
 def test_bad_layouts_fail_in_one_line_without_process_groups(tp, pp, world, needle):
     import torch.distributed as dist
 
-    from dms_megatron.config import ModelConfig
+    from dms_megatron.config import TINY_TEACHER, ModelConfig
     from dms_megatron.megatron.distributed import validate_model_layout
 
     was = dist.is_initialized()
-    mc = ModelConfig(num_layers=4, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6, num_query_groups=2)
+    mc = TINY_TEACHER  # 4 layers, hidden 192, ffn 512, 6 heads, 2 KV heads
     with pytest.raises(ValueError) as e:
         validate_model_layout(mc, tp, pp, world)
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert dist.is_initialized() == was
-    mc = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=500, num_attention_heads=8, num_query_groups=8)
+    mc = ModelConfig(family="llama", kv_channels=None, vocab_size=1024, max_position_embeddings=256,
+                     tie_embeddings=False, num_layers=4, hidden_size=256,
+                     ffn_hidden_size=500, num_attention_heads=8, num_query_groups=8)
     with pytest.raises(ValueError, match="model.ffn_hidden_size=500"):
         validate_model_layout(mc, 8, 1, 8)
-    assert validate_model_layout(ModelConfig(), 2, 2, 8) == 2
+    assert validate_model_layout(TINY_TEACHER, 2, 2, 8) == 2

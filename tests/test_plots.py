@@ -36,10 +36,10 @@ def test_plots_label_points_and_drop_an_empty_recall_panel(tmp_path):
 def test_the_refit_plot_says_which_run_it_shows(tmp_path):
     import matplotlib.pyplot as plt
 
-    from dms_megatron.config import RefitConfig
+    from dms_megatron.config import TINY_TEACHER, RefitConfig
     from dms_megatron.training.report import run_figure, run_title
 
-    cfg = RefitConfig()
+    cfg = RefitConfig(TINY_TEACHER)
     title = run_title(tmp_path / "my-run", cfg, 4.64)
     mc, d = cfg.model, cfg.dms
     for part in ("my-run", f"{mc.family} {mc.num_layers}L x {mc.hidden_size}", f"target CR {d.final_cr:g}",

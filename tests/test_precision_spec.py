@@ -77,14 +77,16 @@ def test_fused_sdpa_core_attention_equals_megatrons_dot_product_attention(megatr
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="transformer-engine present")
 def test_te_spec_without_transformer_engine_names_the_fix(megatron_single):
-    from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
+    from dataclasses import asdict
+
+    from dms_megatron.config import TINY_TEACHER, ConfigError, DMSConfig, ModelConfig
     from dms_megatron.megatron.model import build_gpt_model
 
     mc = tiny_model_config(spec="te")
     for dms in (None, DMSConfig(window=4)):
         with pytest.raises(ConfigError, match=r"model.spec=te needs transformer-engine: pip install -e '.\[gpu\]'"):
             build_gpt_model(mc, dms, seq_length=TINY_SEQ)
-    assert ModelConfig(spec="te").spec == "te"
+    assert ModelConfig(**dict(asdict(TINY_TEACHER), spec="te")).spec == "te"
 
 
 def test_the_run_chooses_the_spec_the_teacher_is_built_with(assets):

@@ -20,7 +20,7 @@ from megatron.core import dist_checkpointing
 from dms_megatron.checkpoint.store import (CheckpointError, load_model_weights, read_checkpoint_configs, read_common,
                                            resolve_checkpoint)
 from dms_megatron.config import ConfigError, DMSConfig, ModelConfig
-from dms_megatron.families import family_for_block
+from dms_megatron.families import FAMILIES, family_for_block
 
 #: what this project's decoder is; a Megatron-LM model that differs cannot load into it
 SUPPORTED = {"normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False, "position_embedding_type": "rope",
@@ -42,14 +42,17 @@ def megatron_lm_args(load_dir, iteration: Optional[int] = None) -> Optional[Name
 
 
 def model_config_from_args(args: Namespace, like: Optional[ModelConfig] = None) -> ModelConfig:
-    """The architecture in Megatron-LM's ``args``. With ``like`` (a run's model config): its family, spec and (when
+    """The architecture in Megatron-LM's ``args``. With ``like`` (a run's model config): its family (when its block
+    has the checkpoint's q/k/v biases and q/k norms, else the registered family that has), spec and (when
     ``args`` has no ``vocab_size``, as with a Hugging Face tokenizer) vocabulary size, and a one-line ConfigError
     naming every field where the two differ, unsupported features included."""
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - older Megatron-LM lacks some args
     heads = args.num_attention_heads
     vocab = g("vocab_size") or (like.vocab_size if like is not None else args.padded_vocab_size)
     qk_norm, qkv_bias = bool(g("qk_layernorm", False)), bool(g("add_qkv_bias", False))
-    family = like.family if like is not None else family_for_block(qkv_bias, qk_norm).name
+    block = FAMILIES[like.family].block if like is not None else None
+    fits = block is not None and (block.qkv_bias, block.qk_norm) == (qkv_bias, qk_norm)
+    family = like.family if fits else family_for_block(qkv_bias, qk_norm).name
     mc = ModelConfig(
         family=family, num_layers=args.num_layers, hidden_size=args.hidden_size,
         ffn_hidden_size=g("ffn_hidden_size") or 4 * args.hidden_size, num_attention_heads=heads,

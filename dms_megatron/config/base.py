@@ -7,7 +7,7 @@ and what is allowed; launchers print it as ``error: ...`` and exit 2.
 from __future__ import annotations
 
 import sys
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Iterable, Optional
 
 
@@ -17,6 +17,19 @@ BAD_INPUT_EXIT_CODE = 2
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the allowed values."""
+
+
+#: How Hydra / OmegaConf writes a value the config leaves unset (a field without a default).
+UNSET = "???"
+
+
+class MissingValue(ConfigError):
+    """Required fields (no default) that a config leaves unset; ``keys`` are their dotted names."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+        super().__init__(f"{', '.join(self.keys)} {'is' if len(self.keys) == 1 else 'are'} missing (no default: "
+                         f"the config must give {'it' if len(self.keys) == 1 else 'them'})")
 
 
 def fail(section: str, name: str, value: Any, allowed: str) -> None:
@@ -53,8 +66,12 @@ def from_dict(cls, data: Optional[dict], section: Optional[str] = None) -> Any:
                           f"{', '.join(sorted(known))}")
     for name, f in known.items():
         sub = _dataclass_type(f.type, cls)
-        if sub is not None and name in data and not is_dataclass(data[name]):
+        if sub is not None and name in data and not is_dataclass(data[name]) and data[name] != UNSET:
             data[name] = from_dict(sub, data[name], f"{section}.{name}" if section else name)
+    unset = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING
+             and data.get(n, UNSET) == UNSET]
+    if unset:
+        raise MissingValue(f"{section}.{n}" if section else n for n in unset)
     return cls(**data)
 
 
@@ -65,4 +82,4 @@ def _dataclass_type(annotation: Any, owner) -> Any:
     return annotation if isinstance(annotation, type) and is_dataclass(annotation) else None
 
 
-__all__ = ["BAD_INPUT_EXIT_CODE", "ConfigError", "fail", "is_int", "check_ints", "check_choice", "from_dict"]
+__all__ = ["BAD_INPUT_EXIT_CODE", "ConfigError", "MissingValue", "UNSET", "fail", "is_int", "check_ints", "check_choice", "from_dict"]

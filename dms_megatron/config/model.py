@@ -3,8 +3,11 @@ one file each: its block, HF names, weight rules and config.json translation).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
 from typing import Optional
+
+import yaml
 
 from dms_megatron.config.base import ConfigError, check_choice, check_ints, fail
 from dms_megatron.families import FAMILIES, family_for_hf_config
@@ -14,31 +17,39 @@ SPECS = ("local", "te")
 
 @dataclass
 class ModelConfig:
-    """Architecture. The defaults are the embedded tiny teacher (``dms_megatron/assets/tiny_teacher``).
+    """Architecture. The shape fields (``REQUIRED``) have no default: a preset (``configs/model/<name>.yaml``) or
+    caller gives every one of them, or a re-fit from ``train.init_checkpoint`` reads the ones it leaves unset from
+    the checkpoint. "Set" means the composed config gives the field a value (the preset yaml or a ``model.X=``
+    override); "unset" means it is MISSING (Hydra's ``???``: the schema has no default) or absent from a dict.
+    An unset field without a checkpoint to read it from is a one-line error naming the field and the preset. The
+    tiny teacher's sizes live in ``configs/model/tiny.yaml`` (``TINY_TEACHER``), nowhere else.
 
-    kv_channels is the head dimension (defaults to hidden_size // num_attention_heads).
+    kv_channels is the head dimension; null = hidden_size // num_attention_heads.
     num_query_groups is the number of KV heads (GQA); it must divide num_attention_heads.
+    add_qkv_bias / qk_layernorm: null = the family's block (``families/<family>.py``); a value that contradicts it is
+        refused.
+    The other settings (RoPE, norm epsilon, init) have defaults; a re-fit builds the teacher with the checkpoint's.
     spec: megatron-core layer implementation: "local" (megatron's own modules) or "te" (Transformer Engine,
         needs the ``[gpu]`` extra). Not part of the architecture: the same weights load into either.
     """
 
-    family: str = "llama"  # a key of dms_megatron.families.FAMILIES
-    num_layers: int = 4
-    hidden_size: int = 192
-    ffn_hidden_size: int = 512
-    num_attention_heads: int = 6
-    num_query_groups: int = 2
-    kv_channels: Optional[int] = None
-    vocab_size: int = 1024
-    max_position_embeddings: int = 256
+    family: str  # a key of dms_megatron.families.FAMILIES
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: Optional[int]
+    vocab_size: int
+    max_position_embeddings: int
+    tie_embeddings: bool
     rotary_base: float = 10000.0
     # Llama-3 style RoPE scaling ("llama3") or none.
     rope_scaling: Optional[str] = None
     rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
-    add_qkv_bias: bool = False
-    qk_layernorm: bool = False
-    tie_embeddings: bool = False
+    add_qkv_bias: Optional[bool] = None
+    qk_layernorm: Optional[bool] = None
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     spec: str = "local"
@@ -47,6 +58,7 @@ class ModelConfig:
         s = "model"
         check_choice(s, "family", self.family, FAMILIES)
         check_choice(s, "spec", self.spec, SPECS)
+        self._block_fields()
         check_ints(s, self, ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                              "num_query_groups", "vocab_size", "max_position_embeddings",
                              "make_vocab_size_divisible_by"))
@@ -63,6 +75,17 @@ class ModelConfig:
             fail(s, "kv_channels", self.kv_channels, "head dimension must be an even integer >= 2 (RoPE)")
         if self.rope_scaling not in (None, "llama3"):
             fail(s, "rope_scaling", self.rope_scaling, "allowed values: null, llama3")
+
+    def _block_fields(self) -> None:
+        """add_qkv_bias / qk_layernorm from the family's block; one line for a value that contradicts it."""
+        for name, value in FAMILIES[self.family].config_fields().items():
+            if name == "family":
+                continue
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+            elif getattr(self, name) != value:
+                raise ConfigError(f"model.{name}={str(getattr(self, name)).lower()} contradicts model.family="
+                                  f"{self.family}, whose block has {name}={str(value).lower()} (leave it unset)")
 
     @classmethod
     def from_hf(cls, hf: dict, divisible_by: int, source: str = "config.json") -> "ModelConfig":
@@ -82,6 +105,14 @@ class ModelConfig:
         return ((self.vocab_size + m - 1) // m) * m
 
 
+#: Fields without a default: a preset gives them, or a re-fit reads the unset ones from its checkpoint.
+REQUIRED = tuple(f.name for f in fields(ModelConfig) if f.default is MISSING)
+
+#: The embedded tiny teacher (``dms_megatron/assets/tiny_teacher``, pre-trained by ``training.pretrain``): its
+#: preset, configs/model/tiny.yaml, is where its sizes live.
+TINY_PRESET = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml"
+TINY_TEACHER = ModelConfig(**yaml.safe_load(TINY_PRESET.read_text()))
+
 #: Fields that define the weights (a checkpoint loads only into a model that agrees on all of them).
 ARCH_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm", "tie_embeddings")
@@ -95,4 +126,4 @@ def check_same_arch(a: ModelConfig, b: ModelConfig, where: str) -> None:
         raise ConfigError(f"model config does not match {where}: " + "; ".join(diff))
 
 
-__all__ = ["ModelConfig", "SPECS", "ARCH_FIELDS", "check_same_arch"]
+__all__ = ["ModelConfig", "SPECS", "REQUIRED", "TINY_TEACHER", "ARCH_FIELDS", "check_same_arch"]

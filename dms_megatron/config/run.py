@@ -233,9 +233,10 @@ def check_batch_split(t: TrainConfig, dp: int) -> None:
 
 @dataclass
 class RefitConfig:
-    """Everything a re-fitting worker needs (``embedded=true``: the shipped tiny teacher and its data)."""
+    """Everything a re-fitting worker needs (``embedded=true``: the shipped tiny teacher and its data). ``model`` has
+    no default (its preset gives it: ``TINY_TEACHER`` is the embedded one's)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig
     dms: DMSConfig = field(default_factory=DMSConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -271,8 +272,9 @@ class RefitConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RefitConfig":
-        return from_dict(cls, d)
+    def from_dict(cls, d: dict, section: Optional[str] = None) -> "RefitConfig":
+        """``section``: where the dict sits in a larger config (``refit`` of dms-eval), for the error lines."""
+        return from_dict(cls, d, section)
 
 
 __all__ = ["TrainConfig", "DataConfig", "ParallelConfig", "LoggingConfig", "ResumeConfig", "RefitConfig",

@@ -15,8 +15,10 @@ from dms_megatron.inference.press import PRESSES
 class EvalConfig:
     """What to evaluate. Students not listed in ``students`` are re-fitted first from ``refit`` with
     ``dms.final_cr`` set to each CR (the embedded default when ``refit.embedded`` is true); the teacher, held-out
-    data and recall questions are those of ``refit`` unless given here."""
+    data and recall questions are those of ``refit`` unless given here. ``refit`` has no default (its model preset
+    gives the model: ``refit.model`` has none)."""
 
+    refit: RefitConfig
     crs: List[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     methods: List[str] = field(default_factory=lambda: list(PRESSES))
     # CR (as written in crs, e.g. "4") -> a dms-refit run dir or its checkpoints/ dir
@@ -31,7 +33,6 @@ class EvalConfig:
     kl_length: Optional[int] = None      # null = refit.train.seq_length
     kl_bucket: int = 32                  # positions per entry of each row's kl_by_position
     press: PressConfig = field(default_factory=PressConfig)  # the baselines' settings (sinks, Quest's page)
-    refit: RefitConfig = field(default_factory=RefitConfig)
 
     def __post_init__(self) -> None:
         if not self.crs:
@@ -55,9 +56,10 @@ class EvalConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EvalConfig":
+    def from_dict(cls, d: dict, section: Optional[str] = None) -> "EvalConfig":
+        """``section``: where the dict sits in a larger config (``eval`` of dms-hyperscale), for the error lines."""
         d = dict(d)
-        d["refit"] = RefitConfig.from_dict(d.get("refit") or {})
+        d["refit"] = RefitConfig.from_dict(d.get("refit") or {}, f"{section}.refit" if section else "refit")
         d["students"] = {cr_key(float(k)): str(v) for k, v in (d.get("students") or {}).items()}
         return from_dict(cls, d, "eval")
 
@@ -69,6 +71,7 @@ class HyperscaleConfig:
     grid ``lengths`` x ``widths``. Students, teacher and baseline settings are ``eval``'s (its cached students are
     reused)."""
 
+    eval: EvalConfig
     lengths: List[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])  # generation budgets L (tokens per chain)
     widths: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # parallel chains W per question
     temperature: float = 1.5             # sampling temperature of the chains (0: greedy)
@@ -76,7 +79,6 @@ class HyperscaleConfig:
     items_file: Optional[str] = None     # JSONL of chained-recall items; null = the embedded teacher's
     seed: int = 0
     hardware: Hardware = field(default_factory=Hardware)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         for name in ("lengths", "widths"):
@@ -96,7 +98,7 @@ class HyperscaleConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "HyperscaleConfig":
         d = dict(d)
-        d["eval"] = EvalConfig.from_dict(d.get("eval") or {})
+        d["eval"] = EvalConfig.from_dict(d.get("eval") or {}, "eval")
         return from_dict(cls, d, "hyperscale")
 
 

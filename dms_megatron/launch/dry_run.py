@@ -22,6 +22,7 @@ from dms_megatron.config.run import resolved_precision
 from dms_megatron.core.attention import resolve_backend_name
 from dms_megatron.launch.hydra_cli import fail, preflight, register_schema
 from dms_megatron.megatron.distributed import validate_model_layout
+from dms_megatron.training.inputs import refit_config
 
 GIB = 1024 ** 3
 
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
             fail("--gpu-memory-gib needs a number (GiB per GPU)")
         del args[i:i + 2]
     register_schema("refit_schema", RefitConfig)
-    cfg = preflight("refit", args, RefitConfig, RefitConfig.from_dict)
+    cfg = preflight("refit", args, RefitConfig, refit_config)
     try:
         text, fits = describe(cfg, gib)
     except (ConfigError, ValueError) as e:

@@ -21,10 +21,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
+                              ValidationError)
 
-from dms_megatron.config import BAD_INPUT_EXIT_CODE, ConfigError
+from dms_megatron.config import BAD_INPUT_EXIT_CODE, ConfigError, MissingValue
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -59,8 +60,8 @@ def schema_fields(cls, prefix: str = "") -> Dict[str, Any]:
     hints = typing.get_type_hints(cls)
     out: Dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
+        sub = hints[f.name]
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             out.update(schema_fields(sub, f"{prefix}{f.name}."))
         else:
             out[prefix + f.name] = hints[f.name]
@@ -135,9 +136,30 @@ def unknown_key_line(key: str, keys: Iterable[str]) -> str:
     return f"unknown key {key!r}" + (f"; did you mean {near}?" if near else "")
 
 
-def explain(e: Exception, fields: Dict[str, Any]) -> str:
+def preset_of(key: str, choices: Dict[str, str]) -> Optional[str]:
+    """The preset (``group=name``) whose package holds dotted ``key``, from Hydra's ``runtime.choices`` (keys
+    ``model`` or ``model@refit.model``)."""
+    for group, name in choices.items():
+        g, _, package = group.lstrip("/").partition("@")
+        if name and not g.startswith("hydra") and key.startswith((package or g) + "."):
+            return f"{g}={name}"
+    return None
+
+
+def missing_line(keys: Sequence[str], choices: Dict[str, str]) -> str:
+    """One line for required fields a composed config leaves unset, naming the preset that should give them."""
+    preset = preset_of(keys[0], choices)
+    where = f"the preset {preset} (configs/{preset.replace('=', '/')}.yaml)" if preset else "the config"
+    return (f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} missing (no default): give "
+            f"{'it' if len(keys) == 1 else 'them'} in {where} or as {keys[0]}=VALUE")
+
+
+def explain(e: Exception, fields: Dict[str, Any], choices: Optional[Dict[str, str]] = None) -> str:
     """One line for a Hydra / OmegaConf composition error, read from the exception's type and fields (the missing
-    preset and its options, the key and value OmegaConf could not take) and the schema's types."""
+    preset and its options, the key and value OmegaConf could not take, a value left unset and the preset that
+    should give it) and the schema's types."""
+    if isinstance(e, MissingValue):
+        return missing_line(e.keys, choices or {})
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
         group, _, name = e.missing_cfg_file.rpartition("/")
         options = list(e.options or [])
@@ -146,6 +168,8 @@ def explain(e: Exception, fields: Dict[str, Any]) -> str:
         return f"{group}={name} is not a preset; {hint}(available: {', '.join(options)})"
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e  # Hydra wraps OmegaConf's reason
     key = getattr(cause, "full_key", None)
+    if isinstance(cause, MissingMandatoryValue) and key:
+        return missing_line([key], choices or {})
     if isinstance(cause, ValidationError) and key in fields:
         return f"{key}={cause.value} is invalid: must be {_type_word(fields[key])}"
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
@@ -160,18 +184,24 @@ def preflight(config_name: str, argv: Sequence[str], schema, build: Callable[[di
     with ``build``; any error is one ``error:`` line and exit 2. Returns the built config."""
     GlobalHydra.instance().clear()
     fields = schema_fields(schema)
+    choices: Dict[str, str] = {}
     try:
         overrides = job_overrides(argv)
         key = unknown_override_key(OverridesParser.create().parse_overrides(overrides), fields, config_groups())
         if key is not None:
             raise ConfigError(unknown_key_line(key, fields))
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if isinstance(v, str)}
+        with open_dict(cfg):
+            del cfg["hydra"]
         return build(OmegaConf.to_container(cfg, resolve=True))
+    except MissingValue as e:
+        fail(explain(e, fields, choices))
     except ConfigError as e:
         fail(str(e))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        fail(explain(e, fields))
+        fail(explain(e, fields, choices))
     finally:
         GlobalHydra.instance().clear()
 
@@ -193,5 +223,5 @@ def run_hydra(config_name: str, schema, build: Callable[[dict], object], task: C
     hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)()
 
 
-__all__ = ["CONFIG_DIR", "register_schema", "job_overrides", "preflight", "explain", "schema_keys", "schema_fields",
+__all__ = ["CONFIG_DIR", "register_schema", "job_overrides", "preflight", "explain", "missing_line", "preset_of", "schema_keys", "schema_fields",
            "unknown_override_key", "config_groups", "fail", "run_hydra"]

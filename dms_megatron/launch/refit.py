@@ -27,6 +27,7 @@ from dms_megatron.launch.hydra_cli import fail, run_hydra
 from dms_megatron.launch.local import run_local_ranks
 from dms_megatron.progress import StopRequested
 from dms_megatron.training.entry import run_rank
+from dms_megatron.training.inputs import refit_config
 from dms_megatron.training.preflight import INPUTS, Checked, preflight, save_checked
 from dms_megatron.training.preemption import ABORTED_EXIT_CODE
 from dms_megatron.training.run_config import check_resume, write_run_config
@@ -59,7 +60,7 @@ def preflight_check(d: dict) -> RefitConfig:
     into it: a bad input or a refused resume leaves nothing on disk (no ``.hydra/``, no log). The job that runs this
     point takes the result over."""
     global _checked
-    cfg = RefitConfig.from_dict(d)
+    cfg = refit_config(d)
     _checked = (d, check_run(cfg, given_run_dir(sys.argv[1:])))
     return cfg
 
@@ -69,7 +70,7 @@ def job_checked(d: dict) -> Checked:
     (a single run, a sweep's first job), else this job's own (another sweep point; a job in a process of its own)."""
     if _checked is not None and _checked[0] == d:
         return _checked[1]
-    return check_run(RefitConfig.from_dict(d), None)  # a new job dir: Hydra made it, no earlier run in it
+    return check_run(refit_config(d), None)  # a new job dir: Hydra made it, no earlier run in it
 
 
 def _task(dcfg) -> None:

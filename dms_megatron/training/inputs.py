@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 from dms_megatron.checkpoint import CheckpointError
-from dms_megatron.checkpoint.megatron_lm import checkpoint_configs
-from dms_megatron.config import ConfigError, DataBlend, ModelConfig, RefitConfig, check_positions, check_same_arch
+from dms_megatron.checkpoint.megatron_lm import checkpoint_configs, megatron_lm_args
+from dms_megatron.config import (REQUIRED, UNSET, ConfigError, DataBlend, ModelConfig, RefitConfig, check_positions,
+                                 check_same_arch)
 from dms_megatron.convert.hf_io import ConversionError
 from dms_megatron.convert.hf_model import is_hf_dir, read_hf_model
 from dms_megatron.data.embedded import AssetError, ensure_refit_data, heldout_file, verify_teacher
@@ -133,6 +134,37 @@ def _field_of(cfg: RefitConfig, prefix: str) -> str:
     return "data prefix"
 
 
+def refit_config(d: dict) -> RefitConfig:
+    """The RefitConfig of a composed config (``complete_model`` first): what the launchers build."""
+    return RefitConfig.from_dict(complete_model(d))
+
+
+def complete_model(d: dict) -> dict:
+    """``d`` (a composed re-fit config) with the architecture fields its model section leaves unset (``???`` or
+    absent) read from ``train.init_checkpoint``: a HF dir's config.json (by its family), this project's checkpoint's
+    recorded model_config or a Megatron-LM checkpoint's args. The fields it sets stay, and ``RunInputs.resolve``
+    compares them with the checkpoint (one line naming each that differs). Without a checkpoint ``d`` is returned
+    as it is (``RefitConfig.from_dict`` names the unset fields)."""
+    model = dict(d.get("model") or {})
+    unset = [f for f in REQUIRED if model.get(f, UNSET) == UNSET]
+    init = (d.get("train") or {}).get("init_checkpoint")
+    if not unset or not init:
+        return d
+    try:
+        if not Path(init).exists():
+            raise ConfigError(f"train.init_checkpoint {init} does not exist")
+        mc = read_hf_model(init)[1] if is_hf_dir(init) else checkpoint_configs(init)[0]
+        args = None if is_hf_dir(init) else megatron_lm_args(init)
+    except (CheckpointError, ConversionError, FileNotFoundError, ValueError) as e:
+        raise (e if isinstance(e, ConfigError) else ConfigError(f"train.init_checkpoint {init}: {e}")) from None
+    if "vocab_size" in unset and args is not None and not getattr(args, "vocab_size", None):
+        raise ConfigError(f"model.vocab_size is unset and the Megatron-LM checkpoint {init} does not record it (its "
+                          f"args hold only the padded size {args.padded_vocab_size}): give model.vocab_size=N, the "
+                          f"tokenizer's vocabulary")
+    model.update({f: getattr(mc, f) for f in unset})
+    return {**d, "model": model}
+
+
 def init_model_config(init: Path, like: ModelConfig) -> ModelConfig:
     """The architecture recorded with a teacher (a HF dir's config.json, this project's checkpoint's extra state, or
     a Megatron-LM checkpoint's args), checked against the run's model config ``like``."""
@@ -148,4 +180,4 @@ def init_model_config(init: Path, like: ModelConfig) -> ModelConfig:
     return mc
 
 
-__all__ = ["RunInputs", "init_model_config"]
+__all__ = ["RunInputs", "init_model_config", "complete_model", "refit_config"]

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from dms_megatron.config import ModelConfig, TrainConfig
+from dms_megatron.config import TINY_TEACHER, ModelConfig, TrainConfig
 from dms_megatron.data.recall import TASKS, RecallSpec, filler_from, make_task
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
 from dms_megatron.megatron.model import build_gpt_model, transformer_config
@@ -38,7 +38,7 @@ from dms_megatron.training.optim import build_optimizer, build_scheduler, finali
 class PretrainRecipe:
     """Everything that determines the teacher (with the tokenizer and the corpus)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: dataclasses.replace(TINY_TEACHER))
     steps: int = 6000
     batch_size: int = 16
     seq_length: int = 256
