@@ -222,6 +222,7 @@ def test_shipped_teacher_leaves_room_for_scaling_in_length_and_width():
     points with a larger L and with a larger W), at dms-hyperscale's default temperature, on the first 100 held-out
     questions. Accuracy is counted here from the sampled tokens themselves: a chain is right when its first value
     symbol within L tokens is the question's answer, and W chains by a strict majority of those answers."""
+    import dataclasses
     from collections import Counter
 
     from dms_megatron.data.embedded import TEACHER_DIR, heldout_file
@@ -240,7 +241,7 @@ def test_shipped_teacher_leaves_room_for_scaling_in_length_and_width():
     truths = [it["ids"][it["answers"][-1]] for it in items]
     engine = Engine(model)
     session, last = feed(engine, prompts)
-    temp = HyperscaleConfig().temperature
+    temp = next(f.default for f in dataclasses.fields(HyperscaleConfig) if f.name == "temperature")  # the default
 
     def accuracy(run, length):  # run.tokens [N, W, max_tokens]
         right = 0
