@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from dms_megatron.config import TINY_TEACHER, RefitConfig
 from dms_megatron.data.embedded import heldout_file
 from dms_megatron.data.recall import read_items
 from dms_megatron.eval.chains import sample_widths
@@ -56,7 +57,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = EvalConfig(crs=a.crs)
+    cfg = EvalConfig(refit=RefitConfig(TINY_TEACHER), crs=a.crs)  # dms-eval's default students
     assets = resolve_assets(cfg)
     given = dict(s.split("=", 1) for s in a.student)
     teacher = load_model(assets.teacher)

@@ -128,10 +128,10 @@ def test_sigterm_during_the_data_build_is_one_line_and_leaves_no_partial_build(t
 def test_progress_is_plain_lines_with_rate_and_time_left_when_stdout_is_no_terminal(tmp_path):
     import io
 
-    from dms_megatron.config import LoggingConfig, RefitConfig, TrainConfig
+    from dms_megatron.config import TINY_TEACHER, LoggingConfig, RefitConfig, TrainConfig
     from dms_megatron.training.logger import MetricsLogger
 
-    cfg = RefitConfig(train=TrainConfig(steps=5), logging=LoggingConfig(wandb=False, log_interval=2))
+    cfg = RefitConfig(TINY_TEACHER, train=TrainConfig(steps=5), logging=LoggingConfig(wandb=False, log_interval=2))
     out = io.StringIO()
     log = MetricsLogger(tmp_path, cfg, start_step=0, stream=out)
     for step in range(1, 6):
