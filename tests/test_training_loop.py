@@ -79,7 +79,9 @@ def test_first_step_loss_matches_hand_computation(assets, tmp_path, direction):
 
     t, mc = cfg.train, cfg.model
     tok, train_ds, _, teacher, student = _reference(assets, cfg, tmp_path, assets["teacher"])
-    target_frac = 1 - 1 / INITIAL_CR  # step 0 of the schedule
+    # step 0 of the schedule, the default band loss by hand: free between the evicted fractions of CR x (1 -/+ band)
+    band = cfg.dms.cr_band
+    lower, upper = max(0.0, 1 - 1 / (INITIAL_CR * (1 - band))), 1 - 1 / (INITIAL_CR * (1 + band))
     kds, comps = [], []
     with torch.no_grad():
         for first in range(0, t.global_batch_size, t.micro_batch_size):  # the first optimizer step's samples
@@ -92,7 +94,7 @@ def test_first_step_loss_matches_hand_computation(assets, tmp_path, direction):
             tl = teacher(b["tokens"], b["position_ids"], None)[..., :mc.vocab_size]
             kds.append(_hand_kl(s, tl, b["loss_mask"].double(), direction))
             frac = torch.stack(list(rt.fractions.values())).mean(0)  # [b] mean over layers
-            comps.append(float(torch.clamp(target_frac - frac, min=0).mean()))
+            comps.append(float((torch.clamp(lower - frac, min=0) + torch.clamp(frac - upper, min=0)).mean()))
     kd, comp = sum(kds) / len(kds), sum(comps) / len(comps)
     assert logged["kd_loss"] == pytest.approx(kd, rel=1e-4, abs=1e-7)
     assert logged["compression_loss"] == pytest.approx(comp, rel=1e-5, abs=1e-7)
