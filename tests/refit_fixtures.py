@@ -84,10 +84,15 @@ def refit_dict(assets: dict, **train) -> dict:
     }
 
 
-def run_refit(cfg, run_dir, report: bool = True, after_backward=None) -> dict:
-    """What the launcher does for one in-process rank: write the run's config.yaml, then train (and report)."""
+def refit_trainer(cfg, run_dir, after_backward=None):
+    """What the launcher does for one in-process rank before training: write the run's config.yaml; the trainer."""
     from dms_megatron.training.run_config import write_run_config
     from dms_megatron.training.trainer import RefitTrainer, TrainerHooks
 
     write_run_config(run_dir, cfg)
-    return RefitTrainer(cfg, run_dir, TrainerHooks(after_backward=after_backward)).run(report=report)
+    return RefitTrainer(cfg, run_dir, TrainerHooks(after_backward=after_backward))
+
+
+def run_refit(cfg, run_dir, report: bool = True, after_backward=None) -> dict:
+    """What the launcher does for one in-process rank: write the run's config.yaml, then train (and report)."""
+    return refit_trainer(cfg, run_dir, after_backward).run(report=report)

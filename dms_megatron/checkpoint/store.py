@@ -33,16 +33,15 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
-from dms_megatron.config import DMSConfig, ModelConfig, from_dict
+from dms_megatron.checkpoint.errors import CheckpointError
+from dms_megatron.checkpoint.optim_state import (LAYOUT_KEY, has_moments, is_distributed, layout, load_metadata,
+                                                 save_metadata)
+from dms_megatron.config import DMSConfig, ModelConfig, TrainConfig, from_dict
 from dms_megatron.megatron.compat import cuda_to_cpu_mode
 from dms_megatron.megatron.distributed import rank
 from dms_megatron.megatron.sharding import merge_swiglu_factories, spec_alias
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, partial, corrupt or does not match the model."""
 
 
 def _unwrap(model):
@@ -167,20 +166,24 @@ def _commit(save_dir: Path, tmp: Path, final: Path, iteration: int) -> None:
 
 
 def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None,
-                    async_saves: Optional[AsyncSaves] = None):
+                    async_saves: Optional[AsyncSaves] = None,
+                    dist_optim_sharding: str = TrainConfig.dist_optim_sharding):
     """Save model (+ optimizer, scheduler, extra python state) as iteration ``iteration`` under ``save_dir``; with
-    ``async_saves`` the write continues in the background and becomes ``latest`` when finalized."""
+    ``async_saves`` the write continues in the background and becomes ``latest`` when finalized. A distributed
+    optimizer's state is written as ``dist_optim_sharding`` (``train.dist_optim_sharding``; recorded for the load)."""
     save_dir = Path(save_dir)
     if async_saves is not None:
         async_saves.finalize(blocking=True)  # one save in flight at a time
     final, tmp = _prepare(save_dir, iteration)
     state = {"model": _model_sharded_sd(model)}
+    meta = None
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+        meta = save_metadata(optimizer, dist_optim_sharding)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=meta)
     elif len(_unwrap(model)) == 1:  # weights only (conversion): no transient copy of every fc1 weight
         merge_swiglu_factories(state["model"])
     state["rng"] = _rng_object()
-    common = {"iteration": iteration, "extra": extra or {}, "rng_world_size": _world()}
+    common = {"iteration": iteration, "extra": extra or {}, "rng_world_size": _world(), LAYOUT_KEY: layout()}
     if scheduler is not None:
         common["scheduler"] = scheduler.state_dict()
     state["common"] = common
@@ -190,7 +193,7 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer=None, scheduler=N
     writer_log.setLevel(logging.CRITICAL)  # its error line would repeat the one CheckpointError below
     try:
         request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
-                                          async_sharded_save=async_saves is not None)
+                                          async_sharded_save=async_saves is not None, content_metadata=meta)
     except (Exception, DCPException) as e:  # noqa: BLE001 - disk full, file-size limit, ...: one line, no partial
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -245,11 +248,16 @@ def resolve_checkpoint(load_dir, iteration: Optional[int] = None) -> Tuple[Path,
     return d, iteration
 
 
-def _common(d: Path) -> dict:
+def _saved_common(d: Path) -> dict:
+    """The whole common state of checkpoint ``d`` (ours under "common", megatron's content metadata beside it)."""
     try:
-        common = dist_checkpointing.load_common_state_dict(str(d))
+        return dist_checkpointing.load_common_state_dict(str(d))
     except Exception as e:  # noqa: BLE001 - report any unpickling failure as a corrupt checkpoint
         raise CheckpointError(f"checkpoint {d} is corrupt: cannot read its common state ({type(e).__name__}: {e})")
+
+
+def _common(d: Path) -> dict:
+    common = _saved_common(d)
     return common.get("common", common)
 
 
@@ -346,12 +354,16 @@ def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: 
     """Load a full training state. Returns (iteration, extra). Each rank's torch RNG state comes back
     (``restore_rng``) when the checkpoint was saved by as many ranks; at another world size it keeps its seed."""
     d, iteration = resolve_checkpoint(load_dir, iteration)
-    common = _common(d)
+    saved = _saved_common(d)
+    common = saved.get("common", saved)
     state = {"model": _model_sharded_sd(model)}
     if optimizer is not None:
+        # the optimizer state laid out as the save laid it out (megatron's content metadata)
+        meta = load_metadata(d, dist_checkpointing.load_content_metadata(preloaded_state_dict=saved),
+                             common.get(LAYOUT_KEY), is_distributed(optimizer))
         # A checkpoint saved before the first optimizer step holds no moments: load it into an empty state.
-        has_state = any(k.startswith("optimizer.state.") for k in dist_checkpointing.load_tensors_metadata(str(d)))
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=has_state)
+        has_state = has_moments(dist_checkpointing.load_tensors_metadata(str(d)))
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=has_state, metadata=meta)
     # per-rank RNG state: restored when the world size matches the save's (another layout starts from its seed)
     rng = restore_rng and common.get("rng_world_size") == _world()
     if rng:
@@ -359,7 +371,8 @@ def load_checkpoint(load_dir, model, optimizer=None, scheduler=None, iteration: 
     loaded = _load(d, state, strict)
     _apply_model(model, loaded["model"], strict)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # megatron's dp_reshardable load copies into fp32 main params, views of the weights
+            optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         if "scheduler" not in common:
             raise CheckpointError(f"checkpoint {d} has no scheduler state (saved without a scheduler)")

@@ -18,6 +18,8 @@ TRAIN_MODES = ("full", "adapter")
 KD_DIRECTIONS = ("student_teacher", "teacher_student")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+#: how a distributed optimizer's state is written (megatron-core's ``distrib_optim_sharding_type``)
+DIST_OPTIM_SHARDINGS = ("fully_reshardable", "dp_reshardable")
 
 
 def resolved_precision(precision: str, cuda: bool) -> str:
@@ -35,6 +37,12 @@ class TrainConfig:
     precision: "bf16" = bf16 parameters and compute with fp32 main parameters and gradients in the optimizer
     (megatron-core mixed precision), "fp32" everywhere, "auto" = bf16 on CUDA and fp32 on CPU.
     distributed_optimizer: shard the optimizer state over data-parallel ranks (megatron's distributed optimizer).
+    dist_optim_sharding: how a distributed optimizer's state is checkpointed (megatron-core's
+        ``distrib_optim_sharding_type``, recorded in the checkpoint, whose loads follow it): "fully_reshardable" (per
+        parameter, like a plain optimizer's: loads at any tp x pp x dp; each save first gathers a data-parallel group's
+        state into the host memory of each of its ranks, Megatron-LM's ``--dist-ckpt-optim-fully-reshardable``) or
+        "dp_reshardable" (the data-parallel shards as they are, Megatron-LM's default: no gather, but it loads only
+        at the tp x pp it was saved at, any dp).
     async_save: write checkpoints in the background (megatron-core's async dist-checkpointing); a save becomes
         ``latest`` when finalized at a later step boundary, before the next save or at exit.
     """
@@ -56,6 +64,7 @@ class TrainConfig:
     compression_weight: float = 1.0
     precision: str = "auto"
     distributed_optimizer: bool = False
+    dist_optim_sharding: str = "fully_reshardable"
     async_save: bool = False
     seed: int = 1234
     save_interval: int = 100
@@ -74,6 +83,7 @@ class TrainConfig:
         check_choice(s, "kd_direction", self.kd_direction, KD_DIRECTIONS)
         check_choice(s, "lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         check_choice(s, "precision", self.precision, PRECISIONS)
+        check_choice(s, "dist_optim_sharding", self.dist_optim_sharding, DIST_OPTIM_SHARDINGS)
         check_ints(s, self, ("steps", "micro_batch_size", "global_batch_size", "seq_length", "save_interval",
                              "eval_batches"))
         if self.global_batch_size % self.micro_batch_size:

@@ -109,6 +109,7 @@ MEGATRON_NAMES = {
     "max_seq_length": "train.seq_length", "micro_batch": "train.micro_batch_size",
     "load": "train.init_checkpoint", "pretrained_checkpoint": "train.init_checkpoint",
     "bf16": "train.precision", "fp16": "train.precision", "use_distributed_optimizer": "train.distributed_optimizer",
+    "dist_ckpt_optim_fully_reshardable": "train.dist_optim_sharding",
     "tensor_model_parallel_size": "parallel.tp", "pipeline_model_parallel_size": "parallel.pp",
     "data_path": "data.blend", "train_data_path": "data.train_blend", "valid_data_path": "data.valid_blend",
     "split": "data.split", "tokenizer_model": "data.tokenizer", "log_interval": "logging.log_interval",

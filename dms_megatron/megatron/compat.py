@@ -253,6 +253,54 @@ def _patch_float16_optimizer(cls) -> None:
     cls.__init__ = __init__
 
 
+def _patch_distributed_optimizer_torch_adam_step() -> None:
+    # Without Apex / TE's fused Adam (always so on CPU) the distributed optimizer wraps torch Adam, which keeps its
+    # step in each parameter's state (the fused ones keep it in the param groups); its load misses that three times.
+    # Error 1: AssertionError at `assert len(steps) == 1` in DistributedOptimizer.state_dict, which reads the step from
+    # the per-parameter state, empty until the first step; sharded_state_dict calls it, so no checkpoint could load
+    # into a fresh distributed optimizer (every resume). Fix: a fresh optimizer's state dict reports step 0, what
+    # torch Adam's state starts at (load_state_dict then sets the checkpoint's step from its param groups).
+    # Error 2: KeyError 'step' in DistributedOptimizer._set_main_param_and_optimizer_states when a fully_reshardable
+    # checkpoint loads: it copies every per-parameter state tensor from the checkpoint's, which hold no step. Fix: a
+    # step the checkpoint's tensors lack stays as load_state_dict set it.
+    # Error 3 (silent): a resumed run drifts from the uninterrupted one from its first step on: load_state_dict gives
+    # every parameter's state the same step tensor, which torch Adam increments in place once per parameter, so the
+    # bias correction runs ahead. Fix: after load_state_dict each parameter's state holds its own copy.
+    cls = distrib_optimizer.DistributedOptimizer
+    original, original_set, original_load = (cls.state_dict, cls._set_main_param_and_optimizer_states,
+                                             cls.load_state_dict)
+
+    def state_dict(self):
+        inner = self.optimizer
+        if distrib_optimizer.HAVE_APEX_OR_TE or len(inner.state):
+            return original(self)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.tensor(0.0)}
+        try:
+            return original(self)
+        finally:
+            inner.state.clear()
+
+    def set_states(self, model_param, tensors):
+        if not distrib_optimizer.HAVE_APEX_OR_TE and "step" not in tensors:
+            held = self._get_main_param_and_optimizer_states(model_param)
+            if "step" in held:
+                tensors = dict(tensors, step=held["step"])
+        return original_set(self, model_param, tensors)
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        if not distrib_optimizer.HAVE_APEX_OR_TE:
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+    cls.state_dict = state_dict
+    cls._set_main_param_and_optimizer_states = set_states
+    cls.load_state_dict = load_state_dict
+
+
 def _patch_torch_norm_sequence_parallel() -> None:
     # Error: AssertionError "sequence parallel not supported by torch LayerNorm" in
     # megatron.core.transformer.torch_norm.WrappedTorchNorm (every norm of the local spec when apex is absent, i.e.
@@ -291,6 +339,7 @@ def apply_cpu_compat() -> bool:
     _patch_clip_grads()
     _patch_float16_optimizer(optimizer.Float16OptimizerWithFloat16Params)
     _patch_float16_optimizer(distrib_optimizer.DistributedOptimizer)
+    _patch_distributed_optimizer_torch_adam_step()
     _patch_torch_norm_sequence_parallel()
     # megatron's advice for sequence parallel on CUDA (CUDA_DEVICE_MAX_CONNECTIONS=1) means nothing without CUDA;
     # every rank would print it.

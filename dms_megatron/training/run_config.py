@@ -17,9 +17,9 @@ from dms_megatron.config import ConfigError, RefitConfig
 
 CONFIG = "config.yaml"
 ALWAYS_FREE = ("parallel.", "logging.", "resume.")
-#: keys ``resume.allow_changes`` may name: they change how long / how often, not what is trained
+#: keys ``resume.allow_changes`` may name: they change how long / how often / how state is written, not what is trained
 ALLOWABLE = ("train.steps", "train.save_interval", "train.eval_interval", "train.eval_batches",
-             "train.recall_eval_limit", "train.async_save")
+             "train.recall_eval_limit", "train.async_save", "train.dist_optim_sharding")
 
 
 def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:

@@ -332,7 +332,7 @@ class RefitTrainer:
         if self.hf_config is not None:
             extra["hf_config"] = self.hf_config
         save_checkpoint(self.ckpt_dir, step, self.ddp, self.optimizer, self.scheduler, extra=extra,
-                        async_saves=self.async_saves)
+                        async_saves=self.async_saves, dist_optim_sharding=self.cfg.train.dist_optim_sharding)
 
     def _finish_saves(self) -> None:
         """Wait for a background save and make it ``latest`` (before exit: nothing is left half-written)."""
