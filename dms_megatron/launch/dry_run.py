@@ -71,7 +71,7 @@ def stage_params(mc, dms, tp: int, pp: int) -> int:
     return max(first, last) if pp > 1 else layers + mc.hidden_size + (1 if mc.tie_embeddings else 2) * vocab // tp
 
 
-def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4) -> int:
+def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4, device: str = "cuda") -> int:
     """Stored activations of the busiest stage: per layer ~ s*b*h*34 16-bit bytes without recompute (Korthikanti et
     al. 2022; the 5*a*s^2 attention-score term only for a backend that materialises scores, i.e. dense), scaled to
     ``bytes_per`` and divided by tp (all of it with sequence parallel, the attention/MLP part without), plus the DMS
@@ -79,7 +79,7 @@ def activation_bytes(cfg, tp: int, pp: int, dp: int, bytes_per: int = 4) -> int:
     stage. The teacher runs without grad (one layer's buffers, not counted)."""
     mc, t, s, b = cfg.model, cfg.train, cfg.train.seq_length, cfg.train.micro_batch_size
     h, a = mc.hidden_size, mc.num_attention_heads
-    dense = resolve_backend_name(cfg.dms.backend, "cuda") == "dense"
+    dense = resolve_backend_name(cfg.dms.backend, device) == "dense"
     per_layer_16 = s * b * h * 34 + (5 * a * s * s * b if dense else 0)
     if cfg.parallel.sequence_parallel:
         per_layer_16 //= tp
@@ -104,19 +104,21 @@ def precision_on_gpu(cfg) -> str:
     return resolved_precision(cfg.train.precision, cuda=True)
 
 
-def estimate(cfg, dp: int) -> MemoryEstimate:
-    """The trainer's dtypes on GPU: parameters (student and teacher) in the train precision; fp32 gradient buffers;
-    Adam moments and, with bf16 parameters, fp32 main parameters in the optimizer, sharded over dp with
-    ``train.distributed_optimizer``."""
+def estimate(cfg, dp: int, device: str = "cuda") -> MemoryEstimate:
+    """The trainer's dtypes on ``device`` ("cuda", the GPU cluster; "cpu", a CPU rehearsal, where
+    ``train.precision=auto`` is fp32 and ``dms.backend=auto`` the dense kernel): parameters (student and teacher) in
+    the train precision; fp32 gradient buffers; Adam moments and, with bf16 parameters, fp32 main parameters in the
+    optimizer, sharded over dp with ``train.distributed_optimizer``."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    pbytes = 2 if precision_on_gpu(cfg) == "bf16" else 4
+    pbytes = 2 if resolved_precision(cfg.train.precision, cuda=device == "cuda") == "bf16" else 4
     student = stage_params(cfg.model, cfg.dms, tp, pp)
     trainable = student if cfg.train.mode == "full" else (
         cfg.model.num_layers // pp * (cfg.model.hidden_size + cfg.model.hidden_size * cfg.model.num_query_groups // tp))
     teacher = stage_params(cfg.model, None, tp, pp)
     optim = (8 + (4 if pbytes == 2 else 0)) * trainable // (dp if cfg.train.distributed_optimizer else 1)
     return MemoryEstimate(student_params=pbytes * student, grads=4 * trainable, optimizer=optim,
-                          teacher_params=pbytes * teacher, activations=activation_bytes(cfg, tp, pp, dp, pbytes),
+                          teacher_params=pbytes * teacher,
+                          activations=activation_bytes(cfg, tp, pp, dp, pbytes, device),
                           logits=logits_bytes(cfg, tp, pbytes), checkpoint=pbytes * student + optim)
 
 

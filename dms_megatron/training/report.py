@@ -55,10 +55,11 @@ def plot_run(history: List[dict], path: Path, title: str) -> None:
 
 
 def write_report(run_dir: Path, cfg: RefitConfig, heldout: dict, recall: Optional[dict],
-                 history: List[dict]) -> dict:
+                 history: List[dict], memory: Optional[dict] = None) -> dict:
     """report.json (and refit.png) from the report stage's numbers: ``heldout`` the evaluate stage's
     (valid/kd_loss, valid/evicted_fraction, valid/achieved_cr), ``recall`` (teacher_recall_acc, student_recall_acc,
-    recall_answers) or None where the task has no answers."""
+    recall_answers) or None where the task has no answers; ``memory`` ({key: [value of global rank 0, 1, ...]}, host
+    bytes: rss_before_build_bytes, rss_after_build_bytes, peak_rss_bytes) is written as report["memory"]."""
     t, d = cfg.train, cfg.dms
     cr = heldout["valid/achieved_cr"]
     report = {"target_cr": d.final_cr, "achieved_cr": cr, "kept_fraction": 1.0 - heldout["valid/evicted_fraction"],
@@ -69,6 +70,8 @@ def write_report(run_dir: Path, cfg: RefitConfig, heldout: dict, recall: Optiona
         report["final_train"] = {k: history[-1][k] for k in ("kd_loss", "compression_loss", "evicted_fraction",
                                                               "target_fraction")}
         plot_run(history, Path(run_dir) / "refit.png", run_title(run_dir, cfg, cr))
+    if memory is not None:
+        report["memory"] = memory
     Path(run_dir, "report.json").write_text(json.dumps(report, indent=2))
     return report
 

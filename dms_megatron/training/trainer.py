@@ -10,7 +10,8 @@
               (hard) eviction, forward-only through the same schedule and layout, logged with the step
   checkpoint  an atomic dist-checkpoint of the student (every ``save_interval`` steps, at the end, on preemption)
   report      the end-of-run numbers (held-out KL, achieved CR, teacher and student recall), forward-only through
-              the same schedule and layout on every rank; rank 0 writes report.json and refit.png
+              the same schedule and layout on every rank; rank 0 writes report.json (with every rank's host memory:
+              resident set before / after the build stage and peak, ``training.memory``) and refit.png
 
 Runs in every rank (one process, local processes started by dms-refit, torchrun or srun); never imports Hydra. ``TrainerHooks`` is the explicit test hook
 (gradients after backward, a transformed loss, a callback after each step).
@@ -49,6 +50,7 @@ from dms_megatron.megatron.pipeline import DistillationStage, pipeline_micro_bat
 from dms_megatron.megatron.runtime import DMSRuntime
 from dms_megatron.training.logger import MetricsLogger
 from dms_megatron.training.heldout import RECALL_KEYS, recall_counts, recall_micro_batches
+from dms_megatron.training.memory import gather_per_rank, peak_rss_bytes, rss_bytes
 from dms_megatron.training.metrics import dp_mean, step_metrics, summed, with_achieved_cr
 from dms_megatron.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from dms_megatron.training.preflight import Checked, preflight
@@ -133,10 +135,12 @@ class RefitTrainer:
         init_process_groups(p.tp, p.pp, seed=t.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         torch.manual_seed(t.seed)
+        self.memory = {"rss_before_build_bytes": rss_bytes()}  # this rank's host memory, for report.json
         self.teacher, self.student = self._build_models()
         self.ddp = wrap_ddp(DistillationStage(self.teacher, self.student), t.distributed_optimizer)
         self.optimizer = build_optimizer(self.ddp, t, params_dtype(t.precision))
         self.scheduler = build_scheduler(self.optimizer, t)
+        self.memory["rss_after_build_bytes"] = rss_bytes()
         self.hf_config = self._carry_hf_metadata()
 
     def _build_models(self):
@@ -351,13 +355,15 @@ class RefitTrainer:
     def report(self) -> dict:
         """The report stage, on every rank at the training layout: held-out KL and achieved CR after the last step
         (the evaluate stage's, reused when the run has just evaluated that step) and, where the task has answers,
-        teacher and student recall. Rank 0 writes report.json and refit.png and returns the report; others {}."""
+        teacher and student recall, and every rank's host memory (gathered). Rank 0 writes report.json and refit.png
+        and returns the report; others {}."""
         steps = self.cfg.train.steps
         ev = self._evaluated[1] if self._evaluated and self._evaluated[0] == steps else self.evaluate(steps)
         recall = self.recall() if self.inputs.recall_eval else None
+        memory = gather_per_rank({**self.memory, "peak_rss_bytes": peak_rss_bytes()})
         if rank() != 0:
             return {}
-        return write_report(self.run_dir, self.cfg, ev, recall, self.logger.history())
+        return write_report(self.run_dir, self.cfg, ev, recall, self.logger.history(), memory)
 
     def _carry_hf_metadata(self) -> Optional[dict]:
         """What ``dms-convert export`` needs from an imported teacher: its HF config (returned, saved in every
