@@ -250,3 +250,20 @@ def test_train_mode_noise_depends_on_step_and_is_reproducible(megatron_single):
     b = _forward(student, DMSRuntime(mode="train", step=1))
     c = _forward(student, DMSRuntime(mode="train", step=2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_reinitialising_the_groups_does_not_pile_up_threads(megatron_single):
+    """Each megatron set-up creates gloo groups with their own threads (51 at tp = pp = 1); a re-initialisation in
+    the same process (the tests' shared process, a loader after a trainer) must free the previous ones."""
+    import os
+
+    from dms_megatron.megatron.distributed import init_process_groups
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    init_process_groups(1, 1, seed=1234)
+    before = threads()
+    for _ in range(3):
+        init_process_groups(1, 1, seed=1234)
+    assert threads() <= before, f"{threads() - before} threads more after 3 re-initialisations"

@@ -108,8 +108,7 @@ def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int 
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
@@ -117,13 +116,28 @@ def init_process_groups(tp: int = 1, pp: int = 1, *, seed: int = 1234, vpp: int 
     model_parallel_cuda_manual_seed(seed)
 
 
-def destroy_process_groups() -> None:
-    """Tear down megatron's groups and the default process group (if any)."""
+def destroy_model_parallel_groups() -> None:
+    """Tear down megatron's model-parallel groups, the process groups themselves included.
+
+    ``parallel_state.destroy_model_parallel`` only forgets its groups: torch keeps each registered (with a gloo
+    group's worker and TCP-loop threads, 51 threads per tp=pp=1 set-up), so a process that re-initialises (the
+    tests' shared process, a loader after a trainer) would pile up threads that keep polling. Every group but the
+    default one is destroyed here (a local operation).
+    """
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        world = dist.GroupMember.WORLD
+        for group in [g for g in list(dist.distributed_c10d._world.pg_map) if g is not world]:
+            dist.destroy_process_group(group)
+
+
+def destroy_process_groups() -> None:
+    """Tear down megatron's groups and the default process group (if any)."""
+    destroy_model_parallel_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-__all__ = ["init_process_groups", "destroy_process_groups", "validate_layout", "validate_model_layout", "check_divides",
+__all__ = ["init_process_groups", "destroy_process_groups", "destroy_model_parallel_groups", "validate_layout", "validate_model_layout", "check_divides",
            "KV_HEADS", "single_process_env", "free_port", "rank"]
