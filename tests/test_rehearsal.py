@@ -2,32 +2,35 @@
 parallel=h100_256` (tp 8 x pp 2, sequence parallel, distributed optimizer, bf16) on a mini Qwen3 and 16 gloo ranks.
 
 `dms-convert import --tp 8 --pp 2` of a transformers model -> `dms-refit` at tp 8 x pp 2 -> SIGTERM after a few
-steps (exit 4, checkpoint of that step) -> resume at tp 2 x pp 1 x dp 2 -> the end and its report ->
-`dms-convert export` -> transformers. The same job run at tp 1 without interruption (initialised from the HF
-directory itself, so the tp 8 x pp 2 import is checked too) is exported the same way; the two students' logits
-must agree, and differ from the teacher's by far more than they differ from each other.
+steps (exit 4, checkpoint of that step) -> resume at tp 2 x pp 1 x dp 2 -> the last step and its report ->
+`dms-convert export RUN` -> transformers. Two references at tp 1: the same job uninterrupted from the HF directory
+itself (its per-step KD checks the tp 8 x pp 2 import and first half), and the SIGTERM checkpoint resumed at tp 1
+(a copy of the run dir) for the last step, whose report and exported logits must equal the tp 2 x dp 2 run's.
 
-Tolerances: both runs compute in bf16 (parameters, activations, pipeline messages) with fp32 main parameters and
-Adam state. tp 8 and tp 1 sum the same products in different orders, so activations differ by bf16 rounding
-(relative 2^-8 = 0.004 per operation), and Adam's first steps move every weight by about lr whatever its
-gradient's size, so a rounding-level difference in a tiny gradient can become an lr-sized weight difference.
-LAYOUT_TOL bounds the logits' difference relative to their scale; REFIT_OVER_LAYOUT asks the re-fit's own change
-of the logits (student vs teacher, at tp 1) to be that many times larger, so a test that compared two untrained
-copies of the teacher could not pass. The values and what was measured are in the README's "Parallel layouts".
+Why the logits are compared after one step from the same checkpoint, not after two whole runs: a DMS re-fit's
+trajectory is chaotic. The q-neuron's decision logit is 100 q - 5 with q after the q-norm (|q| ~ 1), so bf16's
+quantum of q moves it by 0.4-0.8, several times the Gumbel-sigmoid's tau = 0.1: which tokens sit on a decision's
+boundary, and so the straight-through gradient that reaches every layer below it, differs between layouts from the
+first step. Measured (tp 1 vs tp 2 of this job, `train.lr=3e-3`): after 6 steps from the same start the two
+students' logits differ by 1.37x the logits' max and by as much as either differs from the teacher (bf16), and by
+0.69x the max in fp32, where the first 3 steps agree to 5 digits and the evicted fractions part at step 4 (0.4366
+vs 0.4369). From one checkpoint, the first step at the two layouts gives logits within 0.9% of their max against a
+re-fit change 161x larger; a second step is chaotic again (0.19 of the max, change 7.8x). So the run is stopped
+one step before its end (the SIGTERM lands during step STOP_AFTER + 1, whose checkpoint it is; if it ever lands
+between steps, both resumptions are given `train.steps` = the stop + 1).
 
-Measured (without the distributed optimizer, whose checkpoint did not save then; it does now, not re-measured
-here): the logits comparison FAILS as the job is set up now: max |layout difference| 0.85 against the logits' max
-0.76 and the re-fit's own change 0.89 (mean 0.16 / 0.15 / 0.16): after 6 bf16 Adam steps at LR 3e-3 the two
-students differ as much as either differs from the teacher. The random teacher gives KD gradients near zero (the
-student starts as the teacher) and the q-neuron's decision logit (x 100 - 5) flips hard decisions on bf16 rounding,
-so the gradients are noise-dominated. To be decided: a setting in which the re-fit's signal dominates (e.g. a
-target CR far from what the initial decisions give, fewer / smaller steps), or fp32 for the logits comparison.
+Tolerances: LAYOUT_TOL bounds the one-step logits' difference relative to their max; REFIT_OVER_LAYOUT asks the
+re-fit's change of the logits (tp 1 student vs teacher) to be that many times larger, so two untrained copies of the
+teacher could not pass. KD_STEP1_REL compares the first step of the tp 8 x pp 2 run with tp 1 (the same weights,
+bf16 sums in another order); later steps of the first half only within KD_REL (the chaos above). REPORT_REL: held-out
+KL and achieved CR of the two resumed runs (one step apart from one checkpoint). Measured values: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,18 +44,8 @@ import torch
 from convert_fixtures import make_hf_model, save_hf_model
 from refit_fixtures import build_data_assets
 
-# Open (the rehearsal does not pass yet): the cross-layout logits comparison is noise-dominated as set up (see the
-# docstring). The distributed optimizer's checkpoint, which did not save with megatron-core 0.16's default layout
-# ("ShardedTensor.flattened_range is not supported"), is saved in train.dist_optim_sharding's layout now (default
-# fully_reshardable: loads at any layout, so the tp 8 x pp 2 save can resume at tp 2 x dp 2), tested at dp 2 in
-# tests/test_parallel_checkpoint.py (resumed bit for bit, loaded at tp 2 and at one rank); this rehearsal has not
-# been re-run with it. Until the logits are settled it is an expected failure (strict: a pass is reported as a
-# failure, so the marker cannot outlive the fix) and, at 16 ranks and minutes per run, it is left out of CI's scale
-# step (`-m "scale and not slow"`); run it with `pytest -m scale`.
-pytestmark = [pytest.mark.scale, pytest.mark.parallel, pytest.mark.slow,
-              pytest.mark.xfail(strict=True, raises=AssertionError,
-                                reason="open: cross-layout logits tolerance (distributed-optimizer checkpoints: fixed, "
-                                       "not re-run here)")]
+# At 16 ranks and minutes per run it is not in the default run; CI's scale step (`-m scale`) runs it.
+pytestmark = [pytest.mark.scale, pytest.mark.parallel]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,15 +53,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # per rank), SwiGLU, untied embeddings (as Qwen3-8B), head dim decoupled from hidden / heads, 4 layers (2 per stage),
 # a vocabulary of 320 that is padded (to a multiple of 128, or of 128 x tp).
 LAYERS, HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4, 64, 128, 16, 8, 16, 320
-SEQ, MICRO, GLOBAL, STEPS, STOP_AFTER = 64, 2, 4, 6, 3
+SEQ, MICRO, GLOBAL, STEPS, STOP_AFTER = 64, 2, 4, 6, 4
 LR = 3e-3
 
-LAYOUT_TOL = 0.05        # max |logits(tp 8 x pp 2 -> tp 2 x dp 2) - logits(tp 1)| / max |logits(tp 1)|
-REFIT_OVER_LAYOUT = 3.0  # max |logits(tp 1) - logits(teacher)| / max |logits(layout) - logits(tp 1)|
-# per-step KD (nats/token) of the two runs; measured without the distributed optimizer: steps 1-2 within 1.2%, then
-# 10% and 14% at steps 3 and 4, where the KD jumps from 0.002 to 0.025 (the decisions' hard flips differ)
-KD_REL, KD_ABS = 0.3, 1e-3
-REPORT_REL = 0.3         # held-out KL and achieved CR of the two reports (the same 6-step drift)
+LAYOUT_TOL = 0.05        # max |logits(tp 2 x dp 2) - logits(tp 1)| / max |logits(tp 1)|, one step from one checkpoint
+REFIT_OVER_LAYOUT = 10.0  # max |logits(tp 1) - logits(teacher)| / max |logits(tp 2 x dp 2) - logits(tp 1)|
+KD_STEP1_REL = 0.03      # step 1's KD (nats/token), tp 8 x pp 2 against tp 1 from the HF directory
+KD_REL, KD_ABS = 0.3, 1e-3  # the first half's later steps (chaotic, see the docstring)
+REPORT_REL = 0.05        # held-out KL and achieved CR, the two resumptions
 STDERR_BUDGET = 4096  # bytes of launcher stderr a healthy 16-rank command may print
 PER_RANK_FLOOD = ("common state dict differs",)
 
@@ -95,7 +87,7 @@ def mini_qwen3(path: Path) -> None:
                                 vocab_size=VOCAB, max_position_embeddings=SEQ * 4, tied=False), path)
 
 
-def refit_overrides(data: dict, init: Path, run_dir: Path) -> list:
+def refit_overrides(data: dict, init: Path, run_dir: Path, steps: int = STEPS) -> list:
     return [
         "embedded=false", "model.family=qwen3", f"model.num_layers={LAYERS}", f"model.hidden_size={HIDDEN}",
         f"model.ffn_hidden_size={FFN}", f"model.num_attention_heads={HEADS}", f"model.num_query_groups={KV_HEADS}",
@@ -105,7 +97,7 @@ def refit_overrides(data: dict, init: Path, run_dir: Path) -> list:
         f"data.valid_prefix={data['valid']}", f"data.tokenizer={data['tokenizer']}",
         f"data.recall_eval={data['recall']}",
         "dms=paper", "dms.window=8", "dms.final_cr=2", "dms.final_step=4",
-        f"train.steps={STEPS}", f"train.seq_length={SEQ}", f"train.micro_batch_size={MICRO}",
+        f"train.steps={steps}", f"train.seq_length={SEQ}", f"train.micro_batch_size={MICRO}",
         f"train.global_batch_size={GLOBAL}", f"train.lr={LR}", f"train.min_lr={LR / 10}", "train.warmup_steps=1",
         "train.precision=bf16", "train.distributed_optimizer=true", "train.save_interval=100",
         "train.eval_interval=0", "train.eval_batches=2", "train.recall_eval_limit=4",
@@ -163,9 +155,8 @@ def assert_quiet(stderr: str, what: str) -> None:
 def export_plain(run_dir: Path, out: Path) -> None:
     from dms_megatron.launch.convert import main as convert
 
-    # `--megatron-path RUN/checkpoints`: the checkpoint directory of a run (the run dir itself may be accepted too)
-    assert convert(["export", "--megatron-path", str(run_dir / "checkpoints"), "--hf-path", str(out),
-                    "--format", "plain"]) == 0
+    # `--megatron-path RUN`: a run dir, as the README writes it (its checkpoints/ are found)
+    assert convert(["export", "--megatron-path", str(run_dir), "--hf-path", str(out), "--format", "plain"]) == 0
 
 
 def refit(args: list, timeout: int) -> subprocess.CompletedProcess:
@@ -186,36 +177,41 @@ def test_production_rehearsal(tmp_path):
                 str(imported), "--tp", "8", "--pp", "2", "--dtype", "bfloat16"], T_IMPORT)
     assert imp.returncode == 0, imp.stderr[-3000:]
 
-    run = tmp_path / "run"
-    common = refit_overrides(data, imported, run)
-    rc, stopped_err = refit_until_step(common + TP8PP2, run, STOP_AFTER, T_REFIT)
+    run, ref_resume = tmp_path / "run", tmp_path / "ref-resume"
+    rc, stopped_err = refit_until_step(refit_overrides(data, imported, run) + TP8PP2, run, STOP_AFTER, T_REFIT)
     stopped = len(metrics(run))
     assert rc == 4, stopped_err[-3000:]
     assert STOP_AFTER <= stopped < STEPS and not (run / "report.json").exists()
     assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
-    resumed = refit(common + TP2DP2, T_RESUME)
+    shutil.copytree(run, ref_resume)  # the same checkpoint, to be resumed at tp 1
+    last = stopped + 1  # one step after the checkpoint (== STEPS unless the signal landed between steps)
+    tail = [f"train.steps={last}", "resume.allow_changes=[train.steps]"]
+    resumed = refit(refit_overrides(data, imported, run) + TP2DP2 + tail, T_RESUME)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    report = json.loads((run / "report.json").read_text())
-    assert all(k in report for k in REPORT_KEYS) and report["steps"] == STEPS and report["target_cr"] == 2
+    one_resumed = refit(refit_overrides(data, imported, ref_resume) + tail, T_REF)
+    assert one_resumed.returncode == 0, one_resumed.stderr[-3000:]
+    report, ref_report = (json.loads((d / "report.json").read_text()) for d in (run, ref_resume))
+    assert all(k in report for k in REPORT_KEYS) and report["steps"] == last and report["target_cr"] == 2
 
     ref = tmp_path / "ref"  # the same job at tp 1, uninterrupted, from the HF directory itself
     one = refit(refit_overrides(data, hf, ref), T_REF)
     assert one.returncode == 0, one.stderr[-3000:]
-    compare_runs(run, ref, report, json.loads((ref / "report.json").read_text()))
-    compare_exports(tmp_path, run, ref, hf)
+    compare_first_half(run, ref, stopped)
+    for key in ("achieved_cr", "kl_to_teacher"):
+        assert report[key] == pytest.approx(ref_report[key], rel=REPORT_REL), (key, report, ref_report)
+    compare_exports(tmp_path, run, ref_resume, hf)
     assert_quiet(imp.stderr, "dms-convert import --tp 8 --pp 2")
     assert_quiet(stopped_err, "dms-refit at tp 8 x pp 2")
     assert_quiet(resumed.stderr, "dms-refit resumed at tp 2 x dp 2")
 
 
-def compare_runs(run: Path, ref: Path, report: dict, ref_report: dict) -> None:
-    """Per-step KD and the held-out report of the interrupted, re-laid-out run against the tp 1 run."""
+def compare_first_half(run: Path, ref: Path, stopped: int) -> None:
+    """Per-step KD of the tp 8 x pp 2 steps (the interrupted run's metrics) against the uninterrupted tp 1 run."""
     a, b = metrics(run), metrics(ref)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, STEPS + 1))
-    for x, y in zip(a, b):
+    assert [m["step"] for m in a] == list(range(1, stopped + 2)) and [m["step"] for m in b] == list(range(1, STEPS + 1))
+    assert a[0]["kd_loss"] == pytest.approx(b[0]["kd_loss"], rel=KD_STEP1_REL), (a[0], b[0])
+    for x, y in zip(a[1:stopped], b[1:stopped]):
         assert x["kd_loss"] == pytest.approx(y["kd_loss"], rel=KD_REL, abs=KD_ABS), (x["step"], x, y)
-    for key in ("achieved_cr", "kl_to_teacher"):
-        assert report[key] == pytest.approx(ref_report[key], rel=REPORT_REL), (key, report, ref_report)
 
 
 def compare_exports(tmp_path: Path, run: Path, ref: Path, hf: Path) -> None:
