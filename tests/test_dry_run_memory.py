@@ -18,7 +18,7 @@ build's weight-initialisation temporaries, the previous step's activations), whi
 of the estimate (on GPU, the caching allocator's reserve is not in it either); the threshold fixed, the resident
 set follows the live tensors. The measured numbers are in docs/architecture.md ("dms-dryrun").
 
-  pytest -m "slow or not slow" tests/test_dry_run_memory.py
+  pytest -m scale tests/test_dry_run_memory.py   (CI runs it in its scale step)
 """
 
 import json
@@ -54,7 +54,7 @@ def assets(tmp_path_factory, megatron_single):
     return shared_assets(tmp_path_factory, **SHAPE)
 
 
-@pytest.mark.slow
+@pytest.mark.scale
 @pytest.mark.parallel
 @pytest.mark.parametrize("tp,pp,nproc", [(1, 1, 1), (2, 1, 2), (2, 2, 4)], ids=["one-rank", "tp2", "tp2pp2"])
 def test_dry_run_estimate_matches_measured_rss(assets, tmp_path, monkeypatch, tp, pp, nproc):
