@@ -100,8 +100,9 @@ def logits_bytes(cfg, tp: int, bytes_per: int) -> int:
     return n * (3 * bytes_per + 3 * 4)
 
 
-def precision_on_gpu(cfg) -> str:
-    return resolved_precision(cfg.train.precision, cuda=True)
+def precision_on(cfg, device: str = "cuda") -> str:
+    """The parameters' precision the trainer resolves ``train.precision`` to on ``device`` ("cuda" or "cpu")."""
+    return resolved_precision(cfg.train.precision, cuda=device == "cuda")
 
 
 def estimate(cfg, dp: int, device: str = "cuda") -> MemoryEstimate:
@@ -110,7 +111,7 @@ def estimate(cfg, dp: int, device: str = "cuda") -> MemoryEstimate:
     the train precision; fp32 gradient buffers; Adam moments and, with bf16 parameters, fp32 main parameters in the
     optimizer, sharded over dp with ``train.distributed_optimizer``."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    pbytes = 2 if resolved_precision(cfg.train.precision, cuda=device == "cuda") == "bf16" else 4
+    pbytes = 2 if precision_on(cfg, device) == "bf16" else 4
     student = stage_params(cfg.model, cfg.dms, tp, pp)
     trainable = student if cfg.train.mode == "full" else (
         cfg.model.num_layers // pp * (cfg.model.hidden_size + cfg.model.hidden_size * cfg.model.num_query_groups // tp))
@@ -161,13 +162,13 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
         f"batch: micro {t.micro_batch_size} x {t.global_batch_size // (t.micro_batch_size * dp)} micro batches x dp "
         f"{dp} = global {t.global_batch_size} sequences of {t.seq_length} -> {t.global_batch_size * t.seq_length:,} "
         f"tokens per step ({t.global_batch_size * t.seq_length * t.steps:,} in {t.steps} steps)",
-        f"memory per GPU, busiest pipeline stage ({precision_on_gpu(cfg)} parameters, fp32 grads, Adam"
-        f"{' + fp32 main params' if precision_on_gpu(cfg) == 'bf16' else ''}"
+        f"memory per GPU, busiest pipeline stage ({precision_on(cfg)} parameters, fp32 grads, Adam"
+        f"{' + fp32 main params' if precision_on(cfg) == 'bf16' else ''}"
         f"{', distributed optimizer' if t.distributed_optimizer else ''}; estimate):",
         f"  student params {_size(m.student_params)}",
         f"  grads          {_size(m.grads)}",
         f"  optimizer      {_size(m.optimizer)}  (Adam moments"
-        f"{' + fp32 main params' if precision_on_gpu(cfg) == 'bf16' else ''})",
+        f"{' + fp32 main params' if precision_on(cfg) == 'bf16' else ''})",
         f"  teacher copy   {_size(m.teacher_params)}",
         f"  activations    {_size(m.activations)}  (incl. K/V; seq {t.seq_length}, micro batch "
         f"{t.micro_batch_size}, dms.backend={cfg.dms.backend}, no recompute)",
