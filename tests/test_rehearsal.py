@@ -102,7 +102,7 @@ def mini_qwen3(path: Path) -> None:
                                 vocab_size=VOCAB, max_position_embeddings=SEQ * 4, tied=False), path)
 
 
-def refit_overrides(data: dict, init: Path, run_dir: Path, steps: int = STEPS) -> list:
+def refit_overrides(data: dict, init: Path, run_dir: Path) -> list:
     return [
         "embedded=false", "model.family=qwen3", f"model.num_layers={LAYERS}", f"model.hidden_size={HIDDEN}",
         f"model.ffn_hidden_size={FFN}", f"model.num_attention_heads={HEADS}", f"model.num_query_groups={KV_HEADS}",
@@ -112,7 +112,7 @@ def refit_overrides(data: dict, init: Path, run_dir: Path, steps: int = STEPS) -
         f"data.valid_prefix={data['valid']}", f"data.tokenizer={data['tokenizer']}",
         f"data.recall_eval={data['recall']}",
         "dms=paper", "dms.window=8", "dms.final_cr=2", "dms.final_step=4",
-        f"train.steps={steps}", f"train.seq_length={SEQ}", f"train.micro_batch_size={MICRO}",
+        f"train.steps={STEPS}", f"train.seq_length={SEQ}", f"train.micro_batch_size={MICRO}",
         f"train.global_batch_size={GLOBAL}", f"train.lr={LR}", f"train.min_lr={LR / 10}", "train.warmup_steps=1",
         "train.precision=bf16", "train.distributed_optimizer=true", "train.save_interval=100",
         "train.eval_interval=0", "train.eval_batches=2", "train.recall_eval_limit=4",
@@ -194,15 +194,16 @@ def test_production_rehearsal(tmp_path):
     assert imp.returncode == 0, imp.stderr[-3000:]
 
     run, ref_resume = tmp_path / "run", tmp_path / "ref-resume"
-    rc, stopped_err = refit_until_step(refit_overrides(data, imported, run) + TP8PP2, run, STOP_AFTER, T_REFIT)
+    common = refit_overrides(data, imported, run)
+    rc, stopped_err = refit_until_step(common + TP8PP2, run, STOP_AFTER, T_REFIT)
     stopped = len(metrics(run))
     assert rc == 4, stopped_err[-3000:]
     assert STOP_AFTER <= stopped < STEPS and not (run / "report.json").exists()
     assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
     shutil.copytree(run, ref_resume)  # the same checkpoint, to be resumed at tp 1
-    last = stopped + 1  # one step after the checkpoint (== STEPS unless the signal landed between steps)
+    last = stopped + 1  # one step after the checkpoint: STEPS when it is step 5, 5 when it is step 4
     tail = [f"train.steps={last}", "resume.allow_changes=[train.steps]"]
-    resumed = refit(refit_overrides(data, imported, run) + TP2DP2 + tail, T_RESUME)
+    resumed = refit(common + TP2DP2 + tail, T_RESUME)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     one_resumed = refit(refit_overrides(data, imported, ref_resume) + tail, T_REF)
     assert one_resumed.returncode == 0, one_resumed.stderr[-3000:]
@@ -244,8 +245,8 @@ def compare_exports(tmp_path: Path, run: Path, ref: Path, hf: Path, stopped: int
     layout = float((got - want).abs().max())
     step = float((want - at_stop).abs().max())
     refit_change = float((want - teacher).abs().max())
-    print(f"logits: scale {scale:.4g}, |tp8pp2->tp2dp2 - tp1| {layout:.4g}, resumed step {step:.4g} (layout "
-          f"{layout / step:.3f} of it), |tp1 - teacher| {refit_change:.4g} ({refit_change / layout:.0f}x layout)")
+    print(f"logits: scale {scale:.4g}, |tp8pp2->tp2dp2 - tp1| {layout:.4g}, resumed step {step:.4g}, "
+          f"|tp1 - teacher| {refit_change:.4g}")
     assert step >= STEP_MIN * scale, (step, scale)
     assert layout <= LAYOUT_OF_STEP * step, (layout, step)
     assert refit_change >= REFIT_OVER_LAYOUT * layout, (refit_change, layout)

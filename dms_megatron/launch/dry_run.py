@@ -147,6 +147,8 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
     g = rank_groups(p.tp, p.pp, dp)
     m = estimate(cfg, dp)
     mc = cfg.model
+    precision = precision_on(cfg)
+    main_params = " + fp32 main params" if precision == "bf16" else ""
     lines = [
         f"layout: world {world} = {p.nnodes} node(s) x {p.ranks_per_node} GPUs; tp={p.tp} pp={p.pp} "
         f"dp={dp}; sequence_parallel={p.sequence_parallel}",
@@ -162,13 +164,11 @@ def describe(cfg, gpu_memory_gib: float = 80.0) -> tuple:
         f"batch: micro {t.micro_batch_size} x {t.global_batch_size // (t.micro_batch_size * dp)} micro batches x dp "
         f"{dp} = global {t.global_batch_size} sequences of {t.seq_length} -> {t.global_batch_size * t.seq_length:,} "
         f"tokens per step ({t.global_batch_size * t.seq_length * t.steps:,} in {t.steps} steps)",
-        f"memory per GPU, busiest pipeline stage ({precision_on(cfg)} parameters, fp32 grads, Adam"
-        f"{' + fp32 main params' if precision_on(cfg) == 'bf16' else ''}"
+        f"memory per GPU, busiest pipeline stage ({precision} parameters, fp32 grads, Adam{main_params}"
         f"{', distributed optimizer' if t.distributed_optimizer else ''}; estimate):",
         f"  student params {_size(m.student_params)}",
         f"  grads          {_size(m.grads)}",
-        f"  optimizer      {_size(m.optimizer)}  (Adam moments"
-        f"{' + fp32 main params' if precision_on(cfg) == 'bf16' else ''})",
+        f"  optimizer      {_size(m.optimizer)}  (Adam moments{main_params})",
         f"  teacher copy   {_size(m.teacher_params)}",
         f"  activations    {_size(m.activations)}  (incl. K/V; seq {t.seq_length}, micro batch "
         f"{t.micro_batch_size}, dms.backend={cfg.dms.backend}, no recompute)",

@@ -139,5 +139,6 @@ def destroy_process_groups() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["init_process_groups", "destroy_process_groups", "destroy_model_parallel_groups", "validate_layout", "validate_model_layout", "check_divides",
+__all__ = ["init_process_groups", "destroy_process_groups", "destroy_model_parallel_groups", "validate_layout",
+           "validate_model_layout", "check_divides",
            "KV_HEADS", "single_process_env", "free_port", "rank"]
