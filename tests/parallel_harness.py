@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from dms_megatron.config import RefitConfig
+    from dms_megatron.megatron.distributed import destroy_process_groups
     from refit_fixtures import refit_trainer
 
     ap = argparse.ArgumentParser()
@@ -124,12 +125,14 @@ def main(argv=None) -> int:
     cfg = RefitConfig.from_dict(json.loads(args.config.read_text()))
     if args.load:
         load_and_dump(cfg, args.load)
-        return 0
-    trainer = refit_trainer(cfg, args.run_dir, after_backward=None if args.no_grads else dump_grads(args.run_dir))
-    trainer.run(report=args.report)
-    if args.dump:
-        shards = local_shards(trainer.ddp.module.student, trainer.optimizer, cfg.model.num_layers)
-        torch.save(shards, f"{args.dump}.rank{dist.get_rank()}")
+    else:
+        trainer = refit_trainer(cfg, args.run_dir,
+                                after_backward=None if args.no_grads else dump_grads(args.run_dir))
+        trainer.run(report=args.report)
+        if args.dump:
+            shards = local_shards(trainer.ddp.module.student, trainer.optimizer, cfg.model.num_layers)
+            torch.save(shards, f"{args.dump}.rank{dist.get_rank()}")
+    destroy_process_groups()  # as the worker does (training.entry): not left to interpreter shutdown
     return 0
 
 

@@ -50,4 +50,4 @@ def torchrun_harness(nproc: int, d: dict, tmp: Path, *args, timeout: float = 900
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                         str(HARNESS), "--config", str(cfg_path), *map(str, args)],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout: ...{r.stdout[-1500:]}\nstderr: ...{r.stderr[-3000:]}"

@@ -110,6 +110,30 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
     assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "4"
 
 
+def test_a_rank_tears_down_the_process_groups_it_created_and_only_those(assets, tmp_path):
+    """torch asks for destroy_process_group before a normal exit (a gloo rank that leaves its groups to interpreter
+    shutdown can abort there with exit -6): run_rank destroys the groups it created, whether the run finished or
+    diverged; groups its caller owns (this test session, dms-eval) stay."""
+    import torch.distributed as dist
+
+    from dms_megatron.megatron.distributed import destroy_process_groups, init_process_groups
+    from dms_megatron.training.entry import DIVERGED_EXIT_CODE, run_rank
+
+    def job(name):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(refit_dict(assets, steps=2, save_interval=2)))
+        return run_dir
+
+    assert run_rank(job("caller-owned")) == 0 and dist.is_initialized()
+    destroy_process_groups()
+    try:
+        assert run_rank(job("finished")) == 0 and not dist.is_initialized()
+        assert run_rank(job("diverged"), fault="nan@2") == DIVERGED_EXIT_CODE and not dist.is_initialized()
+    finally:
+        init_process_groups(1, 1, seed=1234)  # the session's groups, as the other tests expect them
+
+
 @pytest.mark.parametrize("patch,needle", [
     ({"dms": {"final_cr": 0.5}}, "dms.final_cr=0.5"),
     ({"dms": {"final_step": 0}}, "dms.final_step=0"),

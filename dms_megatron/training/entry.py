@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch.distributed as dist
 import yaml
 
 from dms_megatron.checkpoint import CheckpointError
@@ -25,7 +26,7 @@ from dms_megatron.training.preflight import Checked, load_checked
 from dms_megatron.training.preemption import ABORTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, catch_early_usr1
 from dms_megatron.training.report import format_report
 from dms_megatron.training.run_config import CONFIG
-from dms_megatron.megatron.distributed import rank
+from dms_megatron.megatron.distributed import destroy_process_groups, rank
 from dms_megatron.progress import StopRequested
 from dms_megatron.training.trainer import RefitTrainer, TrainerHooks, TrainingDiverged
 
@@ -56,7 +57,22 @@ def run_rank(run_dir: Path, fault: Optional[str] = None, checked: Optional[Check
              inputs: Optional[Path] = None) -> int:
     """Train this rank of the run in ``run_dir``; never raises for the failures the exit status names. The
     launcher's pre-flight comes as ``checked`` (in-process) or as the record ``inputs`` (``training.preflight``);
-    without either the trainer runs it."""
+    without either the trainer runs it.
+
+    The process groups this call creates are destroyed before it returns when every rank ends the same way (finished,
+    diverged, preempted: each is decided collectively): torch requires ``destroy_process_group`` before a normal exit,
+    and a gloo rank that leaves it to interpreter shutdown can abort there ("terminate called without an active
+    exception", exit -6 instead of 0 or 4). After a failure of this rank alone the groups are left as they are: a
+    peer may be inside a collective, where tearing down can hang (NCCL)."""
+    owned = not dist.is_initialized()
+    code = _run_rank(run_dir, fault, checked, inputs)
+    shared = code in (0, DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE)
+    if owned and dist.is_initialized() and (shared or dist.get_world_size() == 1):
+        destroy_process_groups()
+    return code
+
+
+def _run_rank(run_dir: Path, fault: Optional[str], checked: Optional[Checked], inputs: Optional[Path]) -> int:
     catch_early_usr1()  # a SLURM warning signal during start-up must not kill the rank
     try:
         cfg = checked.cfg if checked is not None else read_run_config(run_dir)
