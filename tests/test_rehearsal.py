@@ -167,7 +167,7 @@ def assert_quiet(stderr: str, what: str) -> None:
     assert len(stderr.encode()) <= STDERR_BUDGET, f"{what}: {len(stderr)} bytes of stderr:\n{stderr[-3000:]}"
 
 
-def export_plain(run_dir: Path, out: Path, iteration: int = None) -> None:
+def export_plain(run_dir: Path, out: Path, iteration: int | None = None) -> None:
     from dms_megatron.launch.convert import main as convert
 
     # `--megatron-path RUN`: a run dir, as the README writes it (its checkpoints/ are found)
